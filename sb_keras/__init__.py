@@ -1,0 +1,37 @@
+"""sb_keras: Keras 3 ConvNets whose filters are built from shared bases.
+
+Example:
+
+>>> import sb_keras
+>>> model = sb_keras.ResNet(depth=20, share=True)
+>>> sb_keras.count_params(model) < sb_keras.count_params(sb_keras.ResNet(20))
+True
+"""
+
+from sb_keras import layers
+from sb_keras import regularizers
+from sb_keras.analysis import orthogonality
+from sb_keras.analysis import orthogonality_loss
+from sb_keras.counting import count_macs
+from sb_keras.counting import count_params
+from sb_keras.counting import count_table
+from sb_keras.models import ResNet
+from sb_keras.registry import get_model
+from sb_keras.registry import list_models
+from sb_keras.registry import model_info
+from sb_keras.version import __version__
+
+__all__ = [
+    "ResNet",
+    "count_macs",
+    "count_params",
+    "count_table",
+    "get_model",
+    "layers",
+    "list_models",
+    "model_info",
+    "orthogonality",
+    "orthogonality_loss",
+    "regularizers",
+    "__version__",
+]

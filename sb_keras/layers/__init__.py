@@ -1,0 +1,8 @@
+"""Layers of sb_keras: shared filter bases and the convolutions that use them."""
+
+from sb_keras.layers.basis_conv import BasisConv2D
+from sb_keras.layers.filter_basis import FilterBasis
+from sb_keras.layers.shared_conv import SharedConv2D
+from sb_keras.layers.shared_conv import ZeroPadShortcut
+
+__all__ = ["BasisConv2D", "FilterBasis", "SharedConv2D", "ZeroPadShortcut"]

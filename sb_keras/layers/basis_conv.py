@@ -1,0 +1,286 @@
+"""The decomposed convolution of Kang & Kim: basis -> BN -> coefficients -> BN."""
+
+import keras
+import numpy as np
+from keras import ops
+
+from sb_keras import regularizers
+from sb_keras.api_export import sb_export
+from sb_keras.layers import initializers as sb_init
+from sb_keras.layers.common import check_positive_int
+from sb_keras.layers.common import split_kernel_inputs
+
+
+@sb_export("sb_keras.layers.BasisConv2D")
+class BasisConv2D(keras.layers.Layer):
+    """A convolution decomposed into filter bases and 1x1 coefficients.
+
+    The layer computes, on an input ``x`` with ``C`` channels::
+
+        z = conv(x, [unique_kernel, shared_basis])  # k x k, C -> u + S
+        z = basis_bn(z)                             # BN over u + S channels
+        y = conv1x1(z, coefficients)                # u + S -> filters
+        y = bn(y)                                   # BN over filters
+
+    with no non-linearity in between (Kang & Kim, method §1.1). The unique
+    basis (``unique_rank`` filters) belongs to this layer; the shared basis
+    comes in as a tensor produced by a `FilterBasis` layer, so one variable
+    serves every layer of a stage. Unique responses come first in the
+    concatenation, as in the authors' code (the first ``unique_rank`` rows of
+    ``coefficients`` multiply them).
+
+    For speed the two bases are concatenated as *kernels* (a few thousand
+    numbers) and applied in one convolution, instead of running two
+    convolutions and concatenating their activations.
+
+    Call it on ``x`` alone (no shared basis: the authors' "NonShared"
+    ablation) or on ``[x, *bases]``; ``basis_index`` picks the basis this
+    layer convolves with. The other bases of the list only take part in the
+    CIFAR-10 variant of the orthogonality penalty, which decorrelates this
+    layer's unique filters from *every* shared filter of the stage. That
+    penalty is added here (once per call) when ``orthogonality > 0``; it
+    covers the entries of this layer's unique rows only, the shared block
+    is added by the `FilterBasis`.
+
+    In inference mode the whole layer is one ``k x k`` convolution with a
+    bias; `fold` returns that kernel and bias.
+
+    Args:
+        filters: output channels.
+        unique_rank: filters of the per-layer unique basis (``u_g``); `0`
+            for the "SharedOnly" ablation.
+        kernel_size: spatial size of the bases. Defaults to `3`.
+        strides: strides of the basis convolution. Defaults to `1`.
+        padding: `"same"` or `"valid"`. Defaults to `"same"`.
+        basis_index: which tensor of the ``bases`` inputs to convolve with.
+        kernel_initializer: initializer of the unique basis. Defaults to
+            Kaiming normal (fan-out), as the authors' code.
+        coefficient_initializer: initializer of the 1x1 coefficients.
+            Defaults to Kaiming normal (fan-out).
+        momentum: BatchNorm momentum (Keras convention). Defaults to `0.9`,
+            PyTorch's `0.1`.
+        epsilon: BatchNorm epsilon. Defaults to `1e-5`, as PyTorch.
+        orthogonality: weight ``lambda`` of the unique-row penalty (the
+            CIFAR-10 variant); `0` disables it. Defaults to `0.0`.
+        orthogonality_normalizer: denominator of the pooled mean (the
+            model passes the total entry count). Defaults to this layer's own
+            entry count.
+
+    Example:
+
+    >>> import keras, numpy as np, sb_keras
+    >>> x = keras.Input((8, 8, 16))
+    >>> basis = sb_keras.layers.FilterBasis(rank=16, in_channels=16)(x)
+    >>> conv = sb_keras.layers.BasisConv2D(16, unique_rank=1)
+    >>> model = keras.Model(x, conv([x, basis]))
+    >>> model(np.zeros((2, 8, 8, 16))).shape
+    TensorShape([2, 8, 8, 16])
+    """
+
+    def __init__(
+        self,
+        filters,
+        unique_rank=1,
+        kernel_size=3,
+        strides=1,
+        padding="same",
+        basis_index=0,
+        kernel_initializer=None,
+        coefficient_initializer=None,
+        momentum=0.9,
+        epsilon=1e-5,
+        orthogonality=0.0,
+        orthogonality_normalizer=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.filters = check_positive_int("filters", filters)
+        self.unique_rank = check_positive_int(
+            "unique_rank", unique_rank, allow_zero=True
+        )
+        self.kernel_size = check_positive_int("kernel_size", kernel_size)
+        self.strides = check_positive_int("strides", strides)
+        if padding not in ("same", "valid"):
+            raise ValueError(
+                f"`padding` must be 'same' or 'valid'. Received: padding={padding!r}"
+            )
+        self.padding = padding
+        self.basis_index = check_positive_int(
+            "basis_index", basis_index, allow_zero=True
+        )
+        self.kernel_initializer = keras.initializers.get(
+            kernel_initializer or sb_init.conv_kernel_initializer()
+        )
+        self.coefficient_initializer = keras.initializers.get(
+            coefficient_initializer or sb_init.conv_kernel_initializer()
+        )
+        self.momentum = float(momentum)
+        self.epsilon = float(epsilon)
+        self.orthogonality = regularizers.validate_lambda(orthogonality)
+        self.orthogonality_normalizer = (
+            None
+            if orthogonality_normalizer is None
+            else float(orthogonality_normalizer)
+        )
+        self.basis_bn = keras.layers.BatchNormalization(
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+            name="basis_bn",
+            dtype=self.dtype_policy,
+        )
+        self.bn = keras.layers.BatchNormalization(
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+            name="bn",
+            dtype=self.dtype_policy,
+        )
+
+    def build(self, input_shape):
+        x_shape, basis_shapes = split_kernel_inputs(input_shape)
+        channels = x_shape[-1]
+        if channels is None:
+            raise ValueError(
+                "BasisConv2D needs a known number of input channels. "
+                f"Received: input_shape={input_shape}"
+            )
+        k = self.kernel_size
+        self.shared_rank = 0
+        self.num_shared_bases = len(basis_shapes)
+        if basis_shapes:
+            if self.basis_index >= len(basis_shapes):
+                raise ValueError(
+                    f"`basis_index` must index one of the {len(basis_shapes)} "
+                    f"bases given. Received: basis_index={self.basis_index}"
+                )
+            for shape in basis_shapes:
+                if tuple(shape[:3]) != (k, k, channels):
+                    raise ValueError(
+                        f"A shared basis must have shape ({k}, {k}, "
+                        f"{channels}, rank) to match kernel_size={k} and the "
+                        f"{channels} input channels. Received: basis shape "
+                        f"{tuple(shape)}"
+                    )
+            self.shared_rank = int(basis_shapes[self.basis_index][-1])
+        self.rank = self.unique_rank + self.shared_rank
+        if self.rank == 0:
+            raise ValueError(
+                "BasisConv2D needs a unique basis or a shared basis. "
+                "Received: unique_rank=0 and no shared basis."
+            )
+        self.unique_kernel = None
+        if self.unique_rank:
+            self.unique_kernel = self.add_weight(
+                name="unique_kernel",
+                shape=(k, k, channels, self.unique_rank),
+                initializer=self.kernel_initializer,
+            )
+        self.coefficients = self.add_weight(
+            name="coefficients",
+            shape=(1, 1, self.rank, self.filters),
+            initializer=self.coefficient_initializer,
+        )
+        self.basis_bn.build((None, None, None, self.rank))
+        self.bn.build((None, None, None, self.filters))
+        if self.orthogonality_normalizer is None:
+            shared = [int(s[-1]) for s in basis_shapes]
+            self.orthogonality_normalizer = float(
+                max(1, regularizers.unique_entry_count(shared, self.unique_rank))
+            )
+
+    def basis_kernel(self, bases=()):
+        """The concatenated basis ``[unique, shared]``, shape ``(k,k,C,R)``."""
+        parts = []
+        if self.unique_kernel is not None:
+            parts.append(ops.cast(self.unique_kernel, self.compute_dtype))
+        if bases:
+            parts.append(ops.cast(bases[self.basis_index], self.compute_dtype))
+        if len(parts) == 1:
+            return parts[0]
+        return ops.concatenate(parts, axis=-1)
+
+    def convolution_op(self, inputs, kernel):
+        return ops.conv(inputs, kernel, strides=self.strides, padding=self.padding)
+
+    def call(self, inputs, training=None):
+        x, bases = split_kernel_inputs(inputs)
+        z = self.convolution_op(x, self.basis_kernel(bases))
+        z = self.basis_bn(z, training=training)
+        y = ops.conv(z, ops.cast(self.coefficients, self.compute_dtype))
+        y = self.bn(y, training=training)
+        if self.orthogonality > 0 and self.unique_kernel is not None and bases:
+            self.add_loss(self.penalty(bases))
+        return y
+
+    def penalty(self, bases):
+        """This layer's unique-row term of the CIFAR-10 penalty."""
+        total = regularizers.unique_penalty_sum(bases, self.unique_kernel)
+        return self.orthogonality * total / self.orthogonality_normalizer
+
+    def fold(self, bases=()):
+        """The equivalent plain convolution in inference mode.
+
+        Args:
+            bases: the shared basis tensors this layer is called with (NumPy
+                arrays or tensors), in the same order as in the call.
+
+        Returns:
+            ``(kernel, bias)`` NumPy float32 arrays of shapes
+            ``(k, k, C, filters)`` and ``(filters,)`` such that
+            ``conv(x, kernel) + bias`` equals the layer's inference output.
+        """
+        basis = ops.convert_to_numpy(
+            ops.cast(self.basis_kernel(list(bases)), "float32")
+        ).astype(np.float64)
+        s_b, t_b = _bn_affine(self.basis_bn)
+        s, t = _bn_affine(self.bn)
+        coeff = ops.convert_to_numpy(self.coefficients).astype(np.float64)[0, 0]
+        mix = (s_b[:, None] * coeff) * s[None, :]  # (R, F)
+        kernel = np.tensordot(basis, mix, axes=([3], [0]))
+        bias = (t_b @ coeff) * s + t
+        return kernel.astype(np.float32), bias.astype(np.float32)
+
+    def compute_output_shape(self, input_shape):
+        x_shape, _ = split_kernel_inputs(input_shape)
+        spatial = []
+        for size in x_shape[1:3]:
+            if size is None:
+                spatial.append(None)
+            elif self.padding == "same":
+                spatial.append(-(-size // self.strides))
+            else:
+                spatial.append((size - self.kernel_size) // self.strides + 1)
+        return (x_shape[0], *spatial, self.filters)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "filters": self.filters,
+                "unique_rank": self.unique_rank,
+                "kernel_size": self.kernel_size,
+                "strides": self.strides,
+                "padding": self.padding,
+                "basis_index": self.basis_index,
+                "kernel_initializer": keras.initializers.serialize(
+                    self.kernel_initializer
+                ),
+                "coefficient_initializer": keras.initializers.serialize(
+                    self.coefficient_initializer
+                ),
+                "momentum": self.momentum,
+                "epsilon": self.epsilon,
+                "orthogonality": self.orthogonality,
+                "orthogonality_normalizer": self.orthogonality_normalizer,
+            }
+        )
+        return config
+
+
+def _bn_affine(bn):
+    """Inference-mode BN as ``x * scale + shift`` (float64 NumPy)."""
+    gamma = ops.convert_to_numpy(bn.gamma).astype(np.float64)
+    beta = ops.convert_to_numpy(bn.beta).astype(np.float64)
+    mean = ops.convert_to_numpy(bn.moving_mean).astype(np.float64)
+    var = ops.convert_to_numpy(bn.moving_variance).astype(np.float64)
+    scale = gamma / np.sqrt(var + bn.epsilon)
+    return scale, beta - mean * scale

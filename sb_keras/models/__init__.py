@@ -1,0 +1,5 @@
+"""Model families of sb_keras."""
+
+from sb_keras.models.resnet import ResNet
+
+__all__ = ["ResNet"]
