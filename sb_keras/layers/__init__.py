@@ -2,7 +2,14 @@
 
 from sb_keras.layers.basis_conv import BasisConv2D
 from sb_keras.layers.filter_basis import FilterBasis
+from sb_keras.layers.preprocessing import PixelNormalization
 from sb_keras.layers.shared_conv import SharedConv2D
 from sb_keras.layers.shared_conv import ZeroPadShortcut
 
-__all__ = ["BasisConv2D", "FilterBasis", "SharedConv2D", "ZeroPadShortcut"]
+__all__ = [
+    "BasisConv2D",
+    "FilterBasis",
+    "PixelNormalization",
+    "SharedConv2D",
+    "ZeroPadShortcut",
+]

@@ -5,6 +5,8 @@ import keras
 from sb_keras import regularizers
 from sb_keras.api_export import sb_export
 from sb_keras.layers import FilterBasis
+from sb_keras.layers import PixelNormalization
+from sb_keras.layers.preprocessing import get_normalization
 from sb_keras.models.resnet import blocks
 
 # depth -> (block kind, blocks per stage)
@@ -85,6 +87,13 @@ class ResNet(keras.Model):
             model returns the last feature map.
         classifier_activation: activation of the classifier; None (the
             default) returns logits.
+        preprocessing: the pixel normalization built into the model: a name
+            of `sb_keras.layers.preprocessing.NORMALIZATIONS` (the model then
+            takes raw RGB pixels in [0, 255]) or None (the model takes inputs
+            normalized elsewhere). `"auto"` (default) picks the authors'
+            choice: ImageNet statistics for the CIFAR ResNets (as their
+            CIFAR-10 code) and ImageNet models, CIFAR-100 statistics for the
+            CIFAR-stem ResNet-18/34.
         orthogonality: lambda of the orthogonality penalty. Defaults to `10`.
         orthogonality_include_unique: use the CIFAR-10 variant of the penalty.
         name: model name.
@@ -115,6 +124,7 @@ class ResNet(keras.Model):
         input_shape=None,
         include_top=True,
         classifier_activation=None,
+        preprocessing="auto",
         orthogonality=10.0,
         orthogonality_include_unique=False,
         name=None,
@@ -132,9 +142,15 @@ class ResNet(keras.Model):
             include_top,
             orthogonality,
         )
+        if preprocessing == "auto":
+            preprocessing = _default_preprocessing(spec)
         inputs = keras.Input(spec["input_shape"], name="image")
+        x = inputs
+        if preprocessing is not None:
+            mean, std = get_normalization(preprocessing)
+            x = PixelNormalization(mean, std, name="preprocessing")(x)
         builder = _build_cifar if spec["family"] == "cifar" else _build_imagenet
-        outputs = builder(inputs, spec, orthogonality_include_unique)
+        outputs = builder(x, spec, orthogonality_include_unique)
         if include_top:
             outputs = blocks.classifier(
                 outputs, spec["num_classes"], classifier_activation
@@ -153,6 +169,7 @@ class ResNet(keras.Model):
         self.image_shape = spec["input_shape"]
         self.include_top = include_top
         self.classifier_activation = classifier_activation
+        self.preprocessing = preprocessing
         self.orthogonality = spec["orthogonality"]
         self.orthogonality_include_unique = bool(orthogonality_include_unique)
 
@@ -168,6 +185,7 @@ class ResNet(keras.Model):
             "input_shape": self.image_shape,
             "include_top": self.include_top,
             "classifier_activation": self.classifier_activation,
+            "preprocessing": self.preprocessing,
             "orthogonality": self.orthogonality,
             "orthogonality_include_unique": self.orthogonality_include_unique,
             "name": self.name,
@@ -189,6 +207,12 @@ class ResNet(keras.Model):
             name=None,
         )
         return config
+
+
+def _default_preprocessing(spec):
+    if spec["family"] != "cifar" and spec["stem"] == "cifar":
+        return "cifar100"
+    return "imagenet"
 
 
 def _check_int(name, value, low):
