@@ -78,9 +78,7 @@ def test_load_model_keeps_one_variable_per_basis(saved_double):
     # Assigning to one basis changes every user's output.
     owner = restored.get_layer("stage2_basis")
     users = sorted(_users(restored)["stage2_basis"])
-    probe = keras.Model(
-        restored.input, [restored.get_layer(u).output for u in users]
-    )
+    probe = keras.Model(restored.input, [restored.get_layer(u).output for u in users])
     x = np.random.RandomState(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
     before = [np.array(t) for t in probe(x)]
     owner.bases[0].assign(np.array(owner.bases[0]) * 0.5)
