@@ -523,7 +523,7 @@ def _layout(model):
         for i in range(n):
             block = f"stage{g}_block{i + 1}"
             prefix = f"layer{g}.{i}"
-            if bases:
+            if bases and i > 0:
                 names = ["_1", "_2"] if double else [""]
                 entries += [
                     (f"{prefix}.shared_basis{s}.weight", b)
@@ -740,7 +740,7 @@ def convert_state_dict(state_dict, strict=True, name=None):
 
 
 def _torch_shape(variable):
-    """The PyTorch shape of a Keras variable (inverse of `_keras_shape`)."""
+    """The PyTorch shape of a Keras variable (``(kh, kw, in, out)`` -> ``(out, in, kh, kw)``)."""
     keras_shape = tuple(variable.shape)
     if len(keras_shape) == 4:
         h, w, i, o = keras_shape
