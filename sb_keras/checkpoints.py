@@ -370,8 +370,7 @@ def _read_zip(path):
                 storage.set_bytes(archive.read(record), byteorder)
         except (zipfile.BadZipFile, EOFError, OSError) as e:
             raise CheckpointError(
-                f"Cannot read {path!r}: the zip archive is truncated or corrupt "
-                f"({e})."
+                f"Cannot read {path!r}: the zip archive is truncated or corrupt ({e})."
             ) from e
     return result
 
@@ -462,10 +461,11 @@ def read_state_dict(path):
     if not isinstance(obj, dict) or not all(
         isinstance(v, np.ndarray) for v in obj.values()
     ):
+        keys = list(obj)[:8] if isinstance(obj, dict) else "-"
         raise CheckpointError(
             f"{os.fspath(path)!r} holds no state dict (a dict of tensors, or a "
             f"dict with one of {_STATE_DICT_KEYS}). Received: "
-            f"{type(obj).__name__} with keys {list(obj)[:8] if isinstance(obj, dict) else '-'}"
+            f"{type(obj).__name__} with keys {keys}"
         )
     return obj
 
@@ -517,9 +517,7 @@ def _layout(model):
         if model.share and n > 1 and model.shared_rank:
             bases = model.get_layer(f"stage{g}_basis").bases
             names = [f"_{g}_{j + 1}" for j in range(2)] if double else [f"_{g}"]
-            entries += [
-                (f"shared_basis{s}.weight", b) for s, b in zip(names, bases)
-            ]
+            entries += [(f"shared_basis{s}.weight", b) for s, b in zip(names, bases)]
         for i in range(n):
             block = f"stage{g}_block{i + 1}"
             prefix = f"layer{g}.{i}"
@@ -727,9 +725,7 @@ def convert_state_dict(state_dict, strict=True, name=None):
     if missing:  # a layout bug, not a user error
         raise RuntimeError(f"Variables left unassigned: {missing}")
     extra = sorted(
-        k
-        for k in state_dict
-        if k not in used and not k.endswith("num_batches_tracked")
+        k for k in state_dict if k not in used and not k.endswith("num_batches_tracked")
     )
     if strict and extra:
         raise CheckpointError(
@@ -740,7 +736,7 @@ def convert_state_dict(state_dict, strict=True, name=None):
 
 
 def _torch_shape(variable):
-    """The PyTorch shape of a Keras variable (``(kh, kw, in, out)`` -> ``(out, in, kh, kw)``)."""
+    """PyTorch shape of a Keras variable: ``(kh, kw, in, out)`` -> ``(out, in, kh, kw)``."""
     keras_shape = tuple(variable.shape)
     if len(keras_shape) == 4:
         h, w, i, o = keras_shape

@@ -118,7 +118,9 @@ def evaluate(
     if limit is not None and (
         isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
     ):
-        raise ValueError(f"`limit` must be a positive integer. Received: limit={limit!r}")
+        raise ValueError(
+            f"`limit` must be a positive integer. Received: limit={limit!r}"
+        )
     predict = get_predictor(model, batch_size)
     x, y = data.load_arrays(dataset, split, data_dir=data_dir, limit=limit)
     correct, total = top1(predict(x), y)

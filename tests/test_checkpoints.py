@@ -95,13 +95,21 @@ def test_released_checkpoint_architecture_and_params(filename):
         "preprocessing": "imagenet",
     }
     # The README's unique parameter count (BN statistics excluded).
-    model = ck.convert_state_dict(sd)
+    model = _converted(filename)
     assert sb_keras.count_params(model) == params
     assert model.get_layer("preprocessing").mean == (0.485, 0.456, 0.406)
     assert model.get_layer("preprocessing").std == (0.229, 0.224, 0.225)
 
 
+_MODELS = {}
 _LOGITS = {}
+
+
+def _converted(filename):
+    """The converted released checkpoint (built once per session)."""
+    if filename not in _MODELS:
+        _MODELS[filename] = sb_keras.load_authors_checkpoint(_released(filename))
+    return _MODELS[filename]
 
 
 def _logits(filename, count):
@@ -109,7 +117,7 @@ def _logits(filename, count):
     key = (filename, count)
     if key not in _LOGITS:
         x, _, _ = _exact_test_images()
-        model = sb_keras.load_authors_checkpoint(_released(filename))
+        model = _converted(filename)
         _LOGITS[key] = model.predict(
             x[:count].astype("float32"), batch_size=250, verbose=0
         )
@@ -288,10 +296,7 @@ def _exploit_pickles(marker):
     raw = command.encode()
     # ``os.system`` spelled as the module a hand-made pickle would use ...
     handmade = (
-        b"\x80\x02cos\nsystem\nX"
-        + len(raw).to_bytes(4, "little")
-        + raw
-        + b"\x85R."
+        b"\x80\x02cos\nsystem\nX" + len(raw).to_bytes(4, "little") + raw + b"\x85R."
     )
     # ... and as Python's pickler writes it (posix.system / nt.system).
     return [handmade, pickle.dumps({"w": _Exploit(command)}, protocol=2)]
@@ -354,7 +359,8 @@ def test_truncated_legacy_file_names_key_and_shape(tmp_path):
     with open(cut, "wb") as f:
         f.write(data[:-4])  # the last storage loses one float
     with pytest.raises(
-        ck.CheckpointError, match=r"'net_state_dict/b\.weight' of shape \(5,\).*truncated"
+        ck.CheckpointError,
+        match=r"'net_state_dict/b\.weight' of shape \(5,\).*truncated",
     ):
         ck.read_state_dict(cut)
     with open(cut, "wb") as f:
@@ -424,9 +430,7 @@ def test_wrong_shape_names_key_and_both_shapes(small_state_dict):
         ck.convert_state_dict(sd)
     sd = dict(small_state_dict)
     sd["layer1.0.conv2.weight"] = np.ones((16, 16, 5, 5), np.float32)
-    with pytest.raises(
-        ck.CheckpointError, match=r"\(16, 16, 5, 5\).*\(16, 16, 3, 3\)"
-    ):
+    with pytest.raises(ck.CheckpointError, match=r"\(16, 16, 5, 5\).*\(16, 16, 3, 3\)"):
         ck.convert_state_dict(sd)
 
 
