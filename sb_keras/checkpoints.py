@@ -570,6 +570,7 @@ def _check_cifar_resnet(model):
 # ---------------------------------------------------------------------------
 
 _BLOCK_KEY = re.compile(r"^layer(\d+)\.(\d+)\.")
+_MODEL_BASIS = re.compile(r"^shared_basis_\d+(_\d+)?\.weight$")
 
 
 def _shape_of(state_dict, key):
@@ -601,8 +602,9 @@ def infer_architecture(state_dict):
 
     >>> infer_architecture(read_state_dict("CIFAR10_ResNet56_S16U1_7.46err.pth.pth"))
     ... # doctest: +SKIP
-    {'depth': 56, 'share': True, 'shared_rank': 16, 'unique_rank': 1,
-     'sharing': 'single', 'num_classes': 10, 'preprocessing': 'imagenet'}
+    {'depth': 56, 'num_classes': 10, 'share': True, 'shared_rank': 16,
+     'unique_rank': 1, 'sharing': 'single', 'preprocessing': 'imagenet',
+     'orthogonality_include_unique': True}
     """
     blocks = collections.defaultdict(set)
     for key in state_dict:
@@ -656,6 +658,9 @@ def infer_architecture(state_dict):
         "unique_rank": u,
         "sharing": sharing,
         "preprocessing": "imagenet",
+        # The authors' CIFAR-10 training also decorrelates the unique filters
+        # from the shared ones (method section 2); fine-tuning keeps it.
+        "orthogonality_include_unique": s > 0 and u > 0,
     }
 
 
@@ -724,8 +729,14 @@ def convert_state_dict(state_dict, strict=True, name=None):
     missing = [v.path for v in model.weights if id(v) not in placed]
     if missing:  # a layout bug, not a user error
         raise RuntimeError(f"Variables left unassigned: {missing}")
+    # Without decomposed blocks (depth 8 or a plain ResNet), the bases the
+    # authors' model allocates at the top level are unused: ignore them.
     extra = sorted(
-        k for k in state_dict if k not in used and not k.endswith("num_batches_tracked")
+        k
+        for k in state_dict
+        if k not in used
+        and not k.endswith("num_batches_tracked")
+        and not (not model.share and _MODEL_BASIS.match(k))
     )
     if strict and extra:
         raise CheckpointError(
@@ -736,7 +747,7 @@ def convert_state_dict(state_dict, strict=True, name=None):
 
 
 def _torch_shape(variable):
-    """PyTorch shape of a Keras variable: ``(kh, kw, in, out)`` -> ``(out, in, kh, kw)``."""
+    """Keras ``(kh, kw, in, out)`` -> PyTorch ``(out, in, kh, kw)``."""
     keras_shape = tuple(variable.shape)
     if len(keras_shape) == 4:
         h, w, i, o = keras_shape

@@ -93,6 +93,7 @@ def test_released_checkpoint_architecture_and_params(filename):
         "share": True,
         "num_classes": 10,
         "preprocessing": "imagenet",
+        "orthogonality_include_unique": True,
     }
     # The README's unique parameter count (BN statistics excluded).
     model = _converted(filename)
@@ -194,7 +195,10 @@ def _randomize(model, seed):
     ids=["d20_s8u2_single_zip", "d14_s4u0_double_legacy", "d14_s0u3_single_zip"],
 )
 def test_round_trip_unseen_configurations(tmp_path, args, fmt):
-    model = sb_keras.ResNet(share=True, **args)
+    unique_penalty = args["shared_rank"] > 0 and args["unique_rank"] > 0
+    model = sb_keras.ResNet(
+        share=True, orthogonality_include_unique=unique_penalty, **args
+    )
     _randomize(model, seed=args["depth"] + args["shared_rank"])
     path = str(tmp_path / f"model.{fmt}.pth")
     ck.save_authors_state_dict(model, path, format=fmt, extra={"epoch": 7})
@@ -236,6 +240,10 @@ def test_plain_resnet_round_trip(tmp_path):
     ck.save_authors_state_dict(model, path)
     restored = ck.load_authors_checkpoint(path)
     assert restored.share is False and restored.depth == 8
+    # The authors' ResNet_Basis of depth 8 allocates bases no block uses.
+    sd = ck.authors_state_dict(model)
+    sd["shared_basis_1_1.weight"] = np.zeros((16, 16, 3, 3), np.float32)
+    assert ck.convert_state_dict(sd).depth == 8
     x = np.random.default_rng(1).uniform(0, 255, (2, 32, 32, 3))
     np.testing.assert_array_equal(_infer(restored, x), _infer(model, x))
 
