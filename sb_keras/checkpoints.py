@@ -85,8 +85,23 @@ class UnsafeCheckpointError(CheckpointError):
 # ---------------------------------------------------------------------------
 
 
-class _Storage:
+class _Sealed:
+    """Refuses the pickle ``BUILD`` opcode, which could rewrite attributes."""
+
+    __slots__ = ()
+
+    def __setstate__(self, state):
+        raise UnsafeCheckpointError(
+            f"Refusing a pickle that modifies a {type(self).__name__.strip('_')} "
+            "after building it; torch never writes that. Received: "
+            f"state={str(state)[:80]}"
+        )
+
+
+class _Storage(_Sealed):
     """A torch storage of the file: its dtype, size, and (later) its data."""
+
+    __slots__ = ("key", "storage_type", "dtype", "numel", "location", "data", "problem")
 
     def __init__(self, key, storage_type, numel, location):
         self.key = key
@@ -113,8 +128,10 @@ class _Storage:
         self.data = data
 
 
-class _StorageView:
+class _StorageView(_Sealed):
     """A legacy view into another storage (``view_metadata`` of old files)."""
+
+    __slots__ = ("root", "offset", "numel", "key")
 
     def __init__(self, root, offset, numel):
         self.root, self.offset, self.numel = root, offset, numel
@@ -131,8 +148,10 @@ class _StorageView:
         return self.root.data[self.offset : self.offset + self.numel]
 
 
-class _Tensor:
+class _Tensor(_Sealed):
     """A tensor of the pickle, materialized once its storage has been read."""
+
+    __slots__ = ("storage", "offset", "shape", "stride")
 
     def __init__(self, storage, offset, shape, stride):
         self.storage = storage
@@ -200,15 +219,19 @@ def _rebuild_parameter(data, *unused):
     return data
 
 
-def _storage_type(name):
-    def refuse(*args, **kwargs):
-        raise UnsafeCheckpointError(
-            f"The storage type torch.{name} may only appear in a storage "
-            "reference, not be called."
-        )
+class _StorageType(_Sealed):
+    """Stand-in of a ``torch.*Storage`` class: a name, never called."""
 
-    refuse.storage_type = name
-    return refuse
+    __slots__ = ("storage_type",)
+
+    def __init__(self, name):
+        self.storage_type = name
+
+    def __call__(self, *args, **kwargs):
+        raise UnsafeCheckpointError(
+            f"The storage type torch.{self.storage_type} may only appear in a "
+            "storage reference, not be called."
+        )
 
 
 _ALLOWED_GLOBALS = {
@@ -217,7 +240,7 @@ _ALLOWED_GLOBALS = {
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-    **{("torch", name): _storage_type(name) for name in _STORAGE_DTYPES},
+    **{("torch", name): _StorageType(name) for name in _STORAGE_DTYPES},
 }
 
 
@@ -253,9 +276,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
                 f"Received: persistent_id={pid!r}"
             )
         _, storage_type, key, location, numel = pid[:5]
-        view = pid[5] if len(pid) == 6 else None
         name = getattr(storage_type, "storage_type", None)
-        if name is None:
+        view = pid[5] if len(pid) == 6 else None
+        if not isinstance(storage_type, _StorageType):
             raise CheckpointError(
                 f"{self.path!r}: a storage reference must name a torch storage "
                 f"type. Received: storage_type={storage_type!r}"
@@ -266,6 +289,11 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if storage is None:
             storage = _Storage(key, name, numel, location)
             self.storages[key] = storage
+        elif (storage.storage_type, storage.numel) != (name, numel):
+            raise CheckpointError(
+                f"{self.path!r}: storage {key!r} is referenced as "
+                f"{storage.storage_type}[{storage.numel}] and as {name}[{numel}]."
+            )
         if view is not None:
             view_key, offset, view_numel = view
             _int_tuple((offset, view_numel), "storage view")

@@ -488,3 +488,82 @@ def test_no_torch_import_anywhere():
                         if pattern.search(f.read()):
                             offenders.append(os.path.join(dirpath, name))
     assert not offenders
+
+
+def _op_str(text):
+    raw = text.encode()
+    return b"X" + len(raw).to_bytes(4, "little") + raw
+
+
+def _op_ints(values):
+    body = b"".join(b"J" + v.to_bytes(4, "little", signed=True) for v in values)
+    return b"(" + body + b"t"
+
+
+def _op_tensor(key, numel, size, stride, offset=0):
+    """Opcodes of ``torch._utils._rebuild_tensor_v2`` as torch.save writes them."""
+    return (
+        b"ctorch._utils\n_rebuild_tensor_v2\n("
+        + b"("
+        + _op_str("storage")
+        + b"ctorch\nFloatStorage\n"
+        + _op_str(key)
+        + _op_str("cuda:0")
+        + b"J"
+        + numel.to_bytes(4, "little")
+        + b"tQ"
+        + b"J"
+        + offset.to_bytes(4, "little")
+        + _op_ints(size)
+        + _op_ints(stride)
+        + b"\x89ccollections\nOrderedDict\n)RtR"
+    )
+
+
+def _handmade_zip(path, payload, storage):
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("ckpt/version", "3\n")
+        z.writestr("ckpt/data.pkl", payload)
+        z.writestr("ckpt/data/0", storage.astype("<f4").tobytes())
+
+
+def test_handmade_zip_with_strided_views(tmp_path):
+    """A zip checkpoint written opcode by opcode (not by our writer)."""
+    storage = np.arange(12, dtype=np.float32)
+    payload = (
+        b"\x80\x02}("
+        + _op_str("t")  # a transposed (2, 3) view: strides (1, 2)
+        + _op_tensor("0", 12, (2, 3), (1, 2))
+        + _op_str("s")  # a slice starting at element 5
+        + _op_tensor("0", 12, (3,), (2,), offset=5)
+        + b"u."
+    )
+    path = str(tmp_path / "handmade.pt")
+    _handmade_zip(path, payload, storage)
+    sd = ck.read_state_dict(path)
+    np.testing.assert_array_equal(sd["t"], storage[:6].reshape(3, 2).T)
+    np.testing.assert_array_equal(sd["s"], storage[5:11:2])
+    payload = b"\x80\x02}(" + _op_str("big") + _op_tensor("0", 12, (4, 4), (4, 1))
+    _handmade_zip(path, payload + b"u.", storage)
+    with pytest.raises(ck.CheckpointError, match=r"'big' of shape \(4, 4\).*fit"):
+        ck.read_state_dict(path)
+
+
+def test_pickle_build_on_a_tensor_is_refused(tmp_path):
+    storage = np.arange(4, dtype=np.float32)
+    payload = (
+        b"\x80\x02}("
+        + _op_str("w")
+        + _op_tensor("0", 4, (4,), (1,))
+        + b"}("
+        + _op_str("stride")
+        + _op_ints([2**30])
+        + b"ub"  # BUILD: rewrite the stride after the checks
+        + b"u."
+    )
+    path = str(tmp_path / "build.pt")
+    _handmade_zip(path, payload, storage)
+    with pytest.raises(ck.UnsafeCheckpointError, match="modifies a Tensor"):
+        ck.read_checkpoint(path)
