@@ -25,7 +25,10 @@ import numpy as np
 
 def _keras_model_predictor(model, batch_size):
     def predict(x):
-        return model.predict(x.astype("float32"), batch_size=batch_size, verbose=0)
+        x = np.asarray(x, dtype="float32")
+        if len(x) <= batch_size:  # one batch: run eagerly, skip the tracing
+            return np.asarray(model(x, training=False))
+        return model.predict(x, batch_size=batch_size, verbose=0)
 
     return predict
 
