@@ -13,10 +13,10 @@ import re
 import keras
 import numpy as np
 import pytest
-from conftest import shared_path
 
 import sb_keras
 from sb_keras import checkpoints as ck
+from tests.conftest import shared_path
 
 PRETRAINED = shared_path("pretrained", "net_rl2")
 # file -> (reference key, ResNet args, unique params, top-1 on the 1000 exact

@@ -12,9 +12,9 @@ import zipfile
 
 import numpy as np
 import pytest
-from conftest import shared_path
 
 from sb_keras import cli
+from tests.conftest import shared_path
 
 NET_RL2 = shared_path("pretrained", "net_rl2")
 RESNET32 = "CIFAR10_ResNet32_Double_S16U1_6.93err"
