@@ -12,6 +12,7 @@ from sb_keras import layers
 from sb_keras import regularizers
 from sb_keras.analysis import orthogonality
 from sb_keras.analysis import orthogonality_loss
+from sb_keras.checkpoints import load_authors_checkpoint
 from sb_keras.counting import count_macs
 from sb_keras.counting import count_params
 from sb_keras.counting import count_table
@@ -34,4 +35,5 @@ __all__ = [
     "orthogonality_loss",
     "regularizers",
     "__version__",
+    "load_authors_checkpoint",
 ]
