@@ -5,6 +5,8 @@ from sb_keras.layers.filter_basis import FilterBasis
 from sb_keras.layers.preprocessing import PixelNormalization
 from sb_keras.layers.shared_conv import SharedConv2D
 from sb_keras.layers.shared_conv import ZeroPadShortcut
+from sb_keras.layers.acdc_coefficients import ACDCCoefficients
+from sb_keras.layers.acdc_conv import ACDCConv2D
 
 __all__ = [
     "BasisConv2D",
@@ -12,4 +14,6 @@ __all__ = [
     "PixelNormalization",
     "SharedConv2D",
     "ZeroPadShortcut",
+    "ACDCCoefficients",
+    "ACDCConv2D",
 ]
