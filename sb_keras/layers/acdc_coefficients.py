@@ -126,4 +126,3 @@ class ACDCCoefficients(keras.layers.Layer):
             }
         )
         return config
-

@@ -129,11 +129,15 @@ class ACDCConv2D(keras.layers.Layer):
             check_positive_int("group_size", group_size)
         self.group_size = group_size
         if route not in ROUTES:
-            raise ValueError(f"`route` must be one of {ROUTES}. Received: route={route!r}")
+            raise ValueError(
+                f"`route` must be one of {ROUTES}. Received: route={route!r}"
+            )
         self.route = route
         self.use_bias = bool(use_bias)
         self.atom_initializer = (
-            None if atom_initializer is None else keras.initializers.get(atom_initializer)
+            None
+            if atom_initializer is None
+            else keras.initializers.get(atom_initializer)
         )
         self.coefficient_initializer = coefficient_initializer
         self.coefficient_layer = None
@@ -171,11 +175,18 @@ class ACDCConv2D(keras.layers.Layer):
                     "Received: num_atoms=None"
                 )
             m = self.num_atoms
-            g_in, g_out = (c, self.filters) if self.group_size is None else (
-                self.group_size,
-                self.group_size,
+            g_in, g_out = (
+                (c, self.filters)
+                if self.group_size is None
+                else (
+                    self.group_size,
+                    self.group_size,
+                )
             )
-        for name, size, group in (("input channels", c, g_in), ("filters", self.filters, g_out)):
+        for name, size, group in (
+            ("input channels", c, g_in),
+            ("filters", self.filters, g_out),
+        ):
             if size % group:
                 raise ValueError(
                     f"The {name} ({size}) must be a multiple of the channel group "
@@ -198,10 +209,14 @@ class ACDCConv2D(keras.layers.Layer):
         init = self.atom_initializer or keras.initializers.RandomNormal(
             stddev=math.sqrt(g_out / (k * k * self.filters))
         )
-        self.atoms = self.add_weight(name="atoms", shape=self.atoms_shape, initializer=init)
+        self.atoms = self.add_weight(
+            name="atoms", shape=self.atoms_shape, initializer=init
+        )
         self.bias = None
         if self.use_bias:
-            self.bias = self.add_weight(name="bias", shape=(self.filters,), initializer="zeros")
+            self.bias = self.add_weight(
+                name="bias", shape=(self.filters,), initializer="zeros"
+            )
         self.resolved_route = self.route
         if self.route == "auto":
             atoms, kernel = route_macs(c, self.filters, m, g_in, g_out, k)
