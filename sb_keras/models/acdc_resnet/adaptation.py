@@ -36,8 +36,8 @@ def freeze_all_but_atoms(model, batchnorm=False, classifier=False):
     >>> trainable = sb_keras.freeze_all_but_atoms(model)
     >>> sorted({v.name for v in trainable})
     ['atoms']
-    >>> sum(int(v.numpy().size) for v in trainable)  # 18 layers x 6 atoms x 3x3
-    2808
+    >>> sum(int(v.numpy().size) for v in trainable)  # 116 blocks x 6 atoms x 3x3
+    6264
 
     Reference: Ze Wang, Xiuyuan Cheng, Guillermo Sapiro and Qiang Qiu,
     *ACDC: Weight Sharing in Atom-Coefficient Decomposed Convolution*
