@@ -164,6 +164,14 @@ def test_cifar_resnet_parameter_formula(scope):
     expected = plain - conv_params + _acdc_params(convs, scope, m, groups)
     model = sb_keras.ACDCResNet(depth=20, sharing=scope, num_atoms=m)
     assert sb_keras.count_params(model) == expected
+    if scope == "layer":  # each layer owns a (16, 16, m) alpha
+        grouped = sb_keras.ACDCResNet(
+            depth=20, sharing=scope, num_atoms=m, group_size=16
+        )
+        per_layer = [
+            16 * 16 * m + (c // 16) * (f // 16) * m * 9 for c, f, _, _ in convs
+        ]
+        assert sb_keras.count_params(grouped) == plain - conv_params + sum(per_layer)
 
 
 def test_plain_baseline_and_macs():

@@ -60,8 +60,9 @@ class ACDCResNet(keras.Model):
         sharing: `"layer"`, `"stage"`, `"network"`, or None for the plain
             model.
         num_atoms: atoms ``m`` per channel block. Defaults to `6`.
-        group_size: channel group ``g`` of a shared alpha. Defaults to the
-            greatest common divisor of the channels of the scope's layers.
+        group_size: channel group ``g`` of alpha. Defaults to the greatest
+            common divisor of the channels of the scope's layers (stage,
+            network) or no groups (layer: one ``(C, F, m)`` alpha each).
         stem: `"cifar"` or `"imagenet"` (depth 18/34 only).
         num_classes: classes of the classifier (10, 100 or 1000 by family).
         input_shape: ``(height, width, channels)``.
@@ -280,6 +281,7 @@ def _conv_bn(x, filters, kernel_size, strides, name, bn_name, acdc, alpha):
         strides=strides,
         padding=padding,
         num_atoms=acdc["num_atoms"] if own else None,
+        group_size=acdc["group_size"] if own else None,
         route=acdc["route"],
         use_bias=not acdc["batchnorm"],
         atom_initializer=acdc["atom_initializer"],
