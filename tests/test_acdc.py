@@ -174,6 +174,27 @@ def test_cifar_resnet_parameter_formula(scope):
         assert sb_keras.count_params(grouped) == plain - conv_params + sum(per_layer)
 
 
+def test_batchnorm_switch():
+    with_bn = _tiny("network")
+    without = _tiny("network", batchnorm=False)
+    convs = [layer for layer in without.layers if isinstance(layer, ACDCConv2D)]
+    assert all(c.bias is not None for c in convs)
+    for conv in convs:  # the ACDC output goes straight to ReLU / Add
+        (user,) = [
+            layer
+            for layer in without.layers
+            if any(t is conv.output for t in _flat(layer.input))
+        ]
+        assert isinstance(user, (keras.layers.ReLU, keras.layers.Add))
+    # each ACDC conv: BN (2 F params) replaced by a bias (F params)
+    saved = sum(c.filters for c in convs)
+    assert sb_keras.count_params(with_bn) - sb_keras.count_params(without) == saved
+
+
+def _flat(tensors):
+    return tensors if isinstance(tensors, (list, tuple)) else [tensors]
+
+
 def test_plain_baseline_and_macs():
     acdc = sb_keras.ACDCResNet(depth=20, sharing="network", route="kernel")
     base = sb_keras.counting.baseline_of(acdc)
