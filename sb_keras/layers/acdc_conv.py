@@ -68,6 +68,11 @@ class ACDCConv2D(keras.layers.Layer):
     the break-even measured on a 2-core CPU (`bench/acdc_routes.py`): in
     an ACDC ResNet-18 the last stage runs the atom route. The choice is
     made at build from the static shapes (unknown sizes: kernel route).
+    The routes share their variables, so a model can be rebuilt with
+    another ``route`` and take the same weights. For a small TFLite file
+    export with ``route="atoms"``: the converter folds the kernel route
+    into full composed kernels (int8 CIFAR ResNet-20, network scope: 297
+    KiB with the kernel route, 76 KiB with the atom route, 294 KiB plain).
 
     Args:
         filters: output channels ``F``.
