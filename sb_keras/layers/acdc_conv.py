@@ -14,7 +14,7 @@ ROUTES = ("auto", "atoms", "kernel")
 # The atom route runs two convolutions and two transposes of activations.
 # On the 2-core CPU (TF 2.21, oneDNN; bench/acdc_routes.py, one training
 # step) it wins when it needs at least 3x fewer MACs *and* the output is at
-# most 16x16 positions (e.g. 4.2x faster for 512 channels at 4x4, m=8,
+# most 16x16 positions (e.g. 3.2-4.1x faster for 512 channels at 4x4, m=8,
 # groups of 64); on larger maps the activation transposes dominate (0.7x
 # at 32x32 with a 3.9x MAC saving). Otherwise the kernel route is used.
 ATOM_ROUTE_MIN_SAVING = 3.0
