@@ -16,7 +16,9 @@ from sb_keras.checkpoints import load_authors_checkpoint
 from sb_keras.counting import count_macs
 from sb_keras.counting import count_params
 from sb_keras.counting import count_table
+from sb_keras.models import ACDCResNet
 from sb_keras.models import ResNet
+from sb_keras.models import freeze_all_but_atoms
 from sb_keras.registry import get_model
 from sb_keras.registry import list_models
 from sb_keras.registry import model_info
@@ -36,4 +38,6 @@ __all__ = [
     "regularizers",
     "__version__",
     "load_authors_checkpoint",
+    "ACDCResNet",
+    "freeze_all_but_atoms",
 ]
