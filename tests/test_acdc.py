@@ -261,11 +261,9 @@ def test_save_load_and_clone_keep_one_alpha(scope):
             assert np.all(y == 0)
 
 
-@pytest.fixture(scope="module")
-def strategy():
-    # One strategy per process: a second MirroredStrategy's CPU collectives
-    # clash with the first one's ("Shape mismatch in the collective").
-    return tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"])
+@pytest.fixture
+def strategy(mirrored_strategy):
+    return mirrored_strategy
 
 
 def _freeze_batchnorm(model):
