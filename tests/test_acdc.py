@@ -7,12 +7,12 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import assert_config_round_trip
-from helpers import random_images
 
 import sb_keras
 from sb_keras.layers import ACDCCoefficients
 from sb_keras.layers import ACDCConv2D
+from tests.helpers import assert_config_round_trip
+from tests.helpers import random_images
 
 SCOPES = ("network", "stage", "layer")
 
