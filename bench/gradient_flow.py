@@ -52,26 +52,35 @@ def main(argv=None):
             d, share=True, orthogonality=10.0
         ),
     }
-    start = time.time()
-    results = analysis.gradient_flow_experiment(
-        builders,
-        x,
-        y,
-        xp,
-        yp,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        learning_rate=args.lr,
-        every=args.every,
-    )
+    results = {}
+    if args.json and os.path.exists(args.json):  # resume a partial run
+        with open(args.json) as f:
+            results = json.load(f)
+    for label, build in builders.items():
+        if label in results:
+            continue
+        start = time.time()
+        results.update(
+            analysis.gradient_flow_experiment(
+                {label: build},
+                x,
+                y,
+                xp,
+                yp,
+                steps=args.steps,
+                batch_size=args.batch_size,
+                learning_rate=args.lr,
+                every=args.every,
+            )
+        )
+        print(f"{label}: {time.time() - start:.0f} s", flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, default=float)
     rows = analysis.gradient_flow_summary(results)
     print(analysis.markdown_table(rows))
-    print(f"({time.time() - start:.0f} s)")
     analysis.plot_gradient_flow(results, args.out)
     print(f"figure: {args.out}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({k: v for k, v in results.items()}, f, default=float)
 
 
 if __name__ == "__main__":

@@ -105,6 +105,18 @@ def tracked_layers(model):
     return out
 
 
+_KINDS = ("conv", "basis_conv", "basis", "dense")
+
+
+def block_outputs(model):
+    """The residual stream of a ResNet: ``stem_relu`` and every ``*_out``."""
+    return [
+        lyr
+        for lyr in _walk(model)
+        if lyr.name == "stem_relu" or lyr.name.endswith("_out")
+    ]
+
+
 def _kind(layer):
     if isinstance(layer, FilterBasis):
         return "basis"
@@ -115,6 +127,12 @@ def _kind(layer):
     if isinstance(layer, keras.layers.Dense):
         return "dense"
     return None
+
+
+def _select(records, kinds):
+    if kinds is None:
+        return [r for r in records if r["kind"] not in ("basis", "dense")]
+    return [r for r in records if r["kind"] in kinds]
 
 
 def _own_variables(layer, kind):
@@ -157,6 +175,11 @@ class GradientProbe:
         x: a batch of inputs.
         y: integer labels of the batch.
         wrt: `"weights"` or `"activations"`.
+        layers: names of the layers to measure. Defaults to every layer with
+            kernels for ``"weights"`` and, for ``"activations"``, to the
+            residual stream (the stem output and every block output, the
+            layers named ``stem_relu`` and ``*_out``) when the model has
+            one, else to every layer with kernels.
         from_logits: whether the model outputs logits. Defaults to `True`.
         include_regularization: add ``sum(model.losses)`` to the loss.
     """
@@ -167,6 +190,7 @@ class GradientProbe:
         x,
         y,
         wrt="weights",
+        layers=None,
         from_logits=True,
         include_regularization=True,
     ):
@@ -188,8 +212,24 @@ class GradientProbe:
             from_logits=from_logits
         )
         entries = tracked_layers(model)
+        if layers is not None:
+            by_name = {lyr.name: lyr for lyr in _walk(model)}
+            missing = [n for n in layers if n not in by_name]
+            if missing:
+                raise ValueError(
+                    f"Unknown layer names {missing}. Received: layers={layers!r}"
+                )
+            entries = [(by_name[n], _kind(by_name[n]) or "layer") for n in layers]
+        elif wrt == "activations":
+            entries = [(lyr, "block") for lyr in block_outputs(model)] or [
+                (lyr, k) for lyr, k in entries if k != "basis"
+            ]
+        if wrt == "weights" and any(k not in _KINDS for _, k in entries):
+            raise ValueError(
+                "wrt='weights' needs layers with kernels. "
+                f"Received: layers={[lyr.name for lyr, _ in entries]}"
+            )
         if wrt == "activations":
-            entries = [(lyr, k) for lyr, k in entries if k != "basis"]
             self._probe = keras.Model(
                 model.inputs,
                 [lyr.output for lyr, _ in entries] + list(model.outputs),
@@ -265,15 +305,16 @@ def gradient_norms(model, x, y, wrt="weights", **kwargs):
     return GradientProbe(model, x, y, wrt=wrt, **kwargs)()
 
 
-def gradient_ratio(records, kinds=("conv", "basis_conv")):
+def gradient_ratio(records, kinds=None):
     """``norm(first layer) / norm(last layer)`` among layers of ``kinds``.
 
-    With the default kinds this compares the stem convolution with the last
-    3x3 convolution of the network (the classifier and the shared bases are
-    left out). Much greater than 1: gradients grow towards the input
-    (exploding); much smaller than 1: they vanish.
+    ``kinds=None`` takes every record except shared bases and the
+    classifier: for weight gradients the stem convolution against the last
+    3x3 convolution, for the residual stream the stem output against the
+    last block output. Above 1 the gradient grows on its way back to the
+    input, below 1 it shrinks (far below: vanishing).
     """
-    chosen = [r for r in records if r["kind"] in kinds]
+    chosen = _select(records, kinds)
     if len(chosen) < 2:
         raise ValueError(
             f"Need at least two layers of kinds {kinds} to form a ratio. "
@@ -329,7 +370,7 @@ class GradientNormHistory(keras.callbacks.Callback):
         if self._step % self.every == 0:
             self._measure()
 
-    def ratios(self, kinds=("conv", "basis_conv")):
+    def ratios(self, kinds=None):
         """``[(step, gradient_ratio), ...]`` over the recorded history."""
         return [(s, gradient_ratio(r, kinds)) for s, r in self.history]
 
@@ -506,7 +547,7 @@ def gradient_flow_experiment(
     batch_size=64,
     learning_rate=0.1,
     every=10,
-    wrt="weights",
+    wrt="activations",
     seed=0,
 ):
     """Trains each model briefly and records its gradient flow.
@@ -524,7 +565,8 @@ def gradient_flow_experiment(
         batch_size: training batch size.
         learning_rate: SGD learning rate.
         every: measure every this many steps.
-        wrt: `"weights"` or `"activations"`.
+        wrt: `"activations"` (default: the residual stream, comparable
+            between plain and shared models) or `"weights"`.
         seed: seeds the model initialization and the data order.
 
     Returns:
@@ -564,7 +606,7 @@ def gradient_flow_experiment(
     return results
 
 
-def gradient_flow_summary(results, kinds=("conv", "basis_conv")):
+def gradient_flow_summary(results, kinds=None):
     """Rows of first/last gradient ratio at init and at the end, per label."""
     rows = []
     for label, res in results.items():
@@ -603,7 +645,7 @@ def _save(fig, path, dpi):
     return path
 
 
-def plot_gradient_norms(curves, path=None, kinds=("conv", "basis_conv"), dpi=80):
+def plot_gradient_norms(curves, path=None, kinds=None, dpi=80):
     """Gradient norm against depth, one line per curve (log scale).
 
     Args:
@@ -618,7 +660,7 @@ def plot_gradient_norms(curves, path=None, kinds=("conv", "basis_conv"), dpi=80)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for label, records in curves.items():
-        chosen = [r for r in records if r["kind"] in kinds]
+        chosen = _select(records, kinds)
         ax.plot(range(len(chosen)), [r["norm"] for r in chosen], label=label)
     ax.set_yscale("log")
     ax.set_xlabel("layer (input -> output)")
@@ -630,7 +672,7 @@ def plot_gradient_norms(curves, path=None, kinds=("conv", "basis_conv"), dpi=80)
     return fig
 
 
-def plot_gradient_flow(results, path=None, kinds=("conv", "basis_conv"), dpi=80):
+def plot_gradient_flow(results, path=None, kinds=None, dpi=80, ylabel=None):
     """Two panels: norms through depth at init and at the end; ratio vs step.
 
     Args:
@@ -642,7 +684,7 @@ def plot_gradient_flow(results, path=None, kinds=("conv", "basis_conv"), dpi=80)
     for label, res in results.items():
         hist = res["history"]
         for ax, (step, records) in zip(axes[:2], (hist[0], hist[-1])):
-            chosen = [r for r in records if r["kind"] in kinds]
+            chosen = _select(records, kinds)
             ax.plot([r["norm"] for r in chosen], label=label)
             ax.set_title(f"step {step}")
         steps = [s for s, _ in hist]
@@ -650,7 +692,7 @@ def plot_gradient_flow(results, path=None, kinds=("conv", "basis_conv"), dpi=80)
     for ax in axes[:2]:
         ax.set_yscale("log")
         ax.set_xlabel("layer (input -> output)")
-        ax.set_ylabel("weight-gradient norm")
+        ax.set_ylabel(ylabel or "gradient norm")
         ax.grid(True, alpha=0.3)
     axes[2].set_yscale("log")
     axes[2].set_xlabel("training step")
