@@ -230,8 +230,9 @@ class GradientProbe:
                 f"Received: layers={[lyr.name for lyr, _ in entries]}"
             )
         if wrt == "activations":
+            inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
             self._probe = keras.Model(
-                model.inputs,
+                inputs,
                 [lyr.output for lyr, _ in entries] + list(model.outputs),
             )
         self.entries = entries
