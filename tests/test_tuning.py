@@ -161,3 +161,39 @@ def test_search_space_conditions_ranks_on_sharing():
     kwargs = hm.model_kwargs(hp)
     assert kwargs["sharing"] == "double" and kwargs["shared_rank"] == 8
     assert hm.size_of(hp)["params"] == sb_keras.count_params(sb_keras.ResNet(**kwargs))
+
+
+@pytest.mark.slow  # about 40 s on an idle 2-core CPU
+def test_search_under_mirrored_strategy(tmp_path):
+    import tensorflow as tf
+
+    strategy = tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"])
+    x, y = _data(32, 0)
+    tuner = tuning.tune(
+        x,
+        y,
+        validation_data=(x[:16], y[:16]),
+        tuner="random",
+        max_trials=1,
+        epochs=1,
+        batch_size=16,
+        augment=False,
+        directory=str(tmp_path),
+        strategy=strategy,
+        depth=14,
+        sharings=("double",),
+        shared_ranks=(2,),
+        unique_ranks=(1,),
+        verbose=0,
+    )
+    (row,) = tuning.results_table(tuner)
+    assert row["status"] == "COMPLETED" and row["val_accuracy"] is not None
+    best = tuner.get_best_models(1)[0]
+    bases = [
+        v
+        for layer in best._flatten_layers()
+        if isinstance(layer, sb_keras.layers.FilterBasis)
+        for v in layer.bases
+    ]
+    assert len({id(v) for v in bases}) == 6  # 3 stages x 2 bases, one each
+    assert all(isinstance(v.value, tf.distribute.DistributedValues) for v in bases)
