@@ -197,3 +197,26 @@ def test_search_under_mirrored_strategy(tmp_path):
     ]
     assert len({id(v) for v in bases}) == 6  # 3 stages x 2 bases, one each
     assert all(isinstance(v.value, tf.distribute.DistributedValues) for v in bases)
+
+
+def test_cli_tune_parses_and_reports_bad_arguments(capsys):
+    from sb_keras import cli
+
+    args = cli.build_parser().parse_args(
+        ["tune", "--depth", "14", "--shared-ranks", "4,8", "--max-params", "1000"]
+    )
+    assert args.func.__name__ == "_cmd_tune"
+    assert (args.shared_ranks, args.max_params, args.tuner) == ("4,8", 1000, "bayesian")
+    rng = np.random.RandomState(0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(
+            "sb_keras.data.load_arrays",
+            lambda *a, **k: (
+                rng.uniform(0, 255, (8, *SHAPE)).astype("uint8"),
+                np.zeros(8),
+            ),
+        )
+        assert cli.main(["tune", "--val-split", "2"]) == 2
+        assert "val_split=2" in capsys.readouterr().err
+        assert cli.main(["tune", "--budget-mode", "drop", "--depth", "14"]) == 2
+        assert "budget_mode='drop'" in capsys.readouterr().err
