@@ -192,7 +192,6 @@ def test_layer_table_sums_to_the_model_totals(share):
     assert text.splitlines()[0] == "| part | params | macs |"
 
 
-@pytest.mark.slow  # about 25 s on an idle 2-core CPU (traces fit and probe)
 def test_experiment_records_init_and_steps_and_summarizes():
     x, y = _batch(16)
     builders = {"shared": lambda: _tiny(orthogonality=10.0)}

@@ -19,7 +19,7 @@ def _data(n, seed):
     return x.astype("uint8"), y
 
 
-@pytest.mark.slow  # about 30 s on an idle 2-core CPU (tracing two models)
+@pytest.mark.slow  # about 25 s on 2 CPU cores (builds and traces two models)
 def test_tiny_search_runs_and_loads_the_best_model(tmp_path):
     x, y = _data(32, 0)
     xv, yv = _data(16, 1)
@@ -163,7 +163,7 @@ def test_search_space_conditions_ranks_on_sharing():
     assert hm.size_of(hp)["params"] == sb_keras.count_params(sb_keras.ResNet(**kwargs))
 
 
-@pytest.mark.slow  # about 40 s on an idle 2-core CPU
+@pytest.mark.slow  # about 27 s on 2 CPU cores
 def test_search_under_mirrored_strategy(tmp_path):
     import tensorflow as tf
 
