@@ -164,10 +164,10 @@ def test_search_space_conditions_ranks_on_sharing():
 
 
 @pytest.mark.slow  # about 27 s on 2 CPU cores
-def test_search_under_mirrored_strategy(tmp_path):
+def test_search_under_mirrored_strategy(tmp_path, mirrored_strategy):
     import tensorflow as tf
 
-    strategy = tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"])
+    strategy = mirrored_strategy
     x, y = _data(32, 0)
     tuner = tuning.tune(
         x,
