@@ -45,6 +45,99 @@ def _add_table(sub):
     p.set_defaults(func=_cmd_table)
 
 
+def _cmd_tune(args):
+    import numpy as np
+
+    from sb_keras import data
+    from sb_keras import tuning
+
+    x, y = data.load_arrays(args.dataset, "train", args.data_dir, limit=args.limit)
+    if not 0 < args.val_split < 1:
+        raise ValueError(
+            f"`--val-split` must be in (0, 1). Received: val_split={args.val_split}"
+        )
+    # Validation is held out of the training split (never the test split).
+    order = np.random.RandomState(args.seed).permutation(len(x))
+    n_val = max(1, int(round(len(x) * args.val_split)))
+    val, train = order[:n_val], order[n_val:]
+    strategy = None
+    if args.mirrored:
+        import tensorflow as tf
+
+        strategy = tf.distribute.MirroredStrategy()
+    tuner = tuning.tune(
+        x[train],
+        y[train],
+        validation_data=(x[val], y[val]),
+        tuner=args.tuner,
+        max_trials=args.max_trials,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        directory=args.directory,
+        project_name=args.project,
+        overwrite=args.overwrite,
+        strategy=strategy,
+        seed=args.seed,
+        verbose=args.verbose,
+        depth=args.depth,
+        sharings=tuple(args.sharings.split(",")),
+        shared_ranks=tuple(int(v) for v in args.shared_ranks.split(",")),
+        unique_ranks=tuple(int(v) for v in args.unique_ranks.split(",")),
+        orthogonality=tuple(float(v) for v in args.orthogonality.split(",")),
+        learning_rate=(args.lr_min, args.lr_max),
+        max_params=args.max_params,
+        max_macs=args.max_macs,
+        budget_mode=args.budget_mode,
+    )
+    rows = tuning.results_table(tuner)
+    table = tuning.markdown_results(rows)
+    print(table)
+    if args.table:
+        with open(args.table, "w") as f:
+            f.write(table + "\n")
+    if args.plot:
+        tuning.plot_pareto(rows, args.plot)
+        print(f"plot: {args.plot}")
+    if args.save_best:
+        tuner.get_best_models(1)[0].save(args.save_best)
+        print(f"best model: {args.save_best}")
+
+
+def _add_tune(sub):
+    p = sub.add_parser(
+        "tune",
+        help="search sharing mode, ranks, lambda and lr with keras-tuner",
+    )
+    p.add_argument("--dataset", default="cifar10")
+    p.add_argument("--data-dir", default=None, help="folder with train.npz")
+    p.add_argument("--limit", type=int, default=None, help="training images used")
+    p.add_argument("--val-split", type=float, default=0.1)
+    p.add_argument("--depth", type=int, default=20)
+    p.add_argument("--tuner", default="bayesian", help="bayesian, hyperband, random")
+    p.add_argument("--max-trials", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--sharings", default="plain,single,double")
+    p.add_argument("--shared-ranks", default="8,16,32")
+    p.add_argument("--unique-ranks", default="0,1,2")
+    p.add_argument("--orthogonality", default="0,1,10")
+    p.add_argument("--lr-min", type=float, default=0.01)
+    p.add_argument("--lr-max", type=float, default=0.2)
+    p.add_argument("--max-params", type=int, default=None)
+    p.add_argument("--max-macs", type=int, default=None)
+    p.add_argument("--budget-mode", default="penalize", help="penalize or skip")
+    p.add_argument("--mirrored", action="store_true", help="MirroredStrategy")
+    p.add_argument("--directory", default="sb_keras_tuning")
+    p.add_argument("--project", default="search")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--table", default=None, help="write the Markdown table here")
+    p.add_argument("--plot", default=None, help="write the Pareto plot (PNG)")
+    p.add_argument("--save-best", default=None, help="save the best model (.keras)")
+    p.add_argument("--verbose", type=int, default=1)
+    p.set_defaults(func=_cmd_tune)
+
+
 def _cmd_convert(args):
     from sb_keras import checkpoints
     from sb_keras import counting
@@ -109,7 +202,7 @@ def _add_evaluate(sub):
 
 
 # Subcommand builders, in help order. Each adds one parser.
-COMMANDS = [_add_list, _add_table, _add_convert, _add_evaluate]
+COMMANDS = [_add_list, _add_table, _add_convert, _add_evaluate, _add_tune]
 
 
 def build_parser():
