@@ -38,6 +38,8 @@ class TrainConfig:
             runs and resumptions; can be slower).
         verbose: Keras progress bar (1), one line per epoch (2) or none (0).
         tensorboard: write TensorBoard logs.
+        model_args: constructor arguments overriding the registry's (e.g.
+            ``{"depth": 14}`` for a tiny test model).
     """
 
     model: str = "resnet56_s16u1_double"
@@ -60,6 +62,7 @@ class TrainConfig:
     deterministic: bool = False
     verbose: int = 1
     tensorboard: bool = True
+    model_args: dict = dataclasses.field(default_factory=dict)
 
     def validate(self):
         """Checks every field; raises ValueError naming the bad one."""
@@ -126,7 +129,7 @@ def build_model(config, num_classes, input_shape):
             config.model,
             num_classes=num_classes,
             input_shape=input_shape,
-            orthogonality=float(config.orthogonality),
+            **{"orthogonality": float(config.orthogonality), **config.model_args},
         )
     finally:
         keras.config.set_dtype_policy(previous)
