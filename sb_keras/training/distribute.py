@@ -217,3 +217,54 @@ def multi_worker_fit_fix(strategy):
     finally:
         tf_trainer.TensorFlowTrainer._maybe_symbolic_build = original_build
         tf_trainer.reduce_per_replica = original_reduce
+
+
+def _callback_base():
+    import keras
+
+    return keras.callbacks.Callback
+
+
+class SyncMovingStatistics(_callback_base()):
+    """Averages non-trainable float variables over all replicas each epoch.
+
+    Under `MirroredStrategy` (one or several workers) each replica updates
+    the BatchNorm moving statistics from its own slice of the batch, and a
+    saved model gets the first local replica's copy: different workers end
+    with different statistics. This callback all-reduces them (mean over
+    every replica of every worker) at the end of each epoch, before the
+    checkpoints and the backup are written, so every worker saves the same
+    model. Place it before the saving callbacks.
+
+    Args:
+        strategy: the strategy the model was built under.
+    """
+
+    def __init__(self, strategy):
+        super().__init__()
+        self.strategy = strategy
+        self._fn = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.sync()
+
+    def sync(self):
+        if self.strategy.num_replicas_in_sync == 1:
+            return
+        import tensorflow as tf
+
+        if self._fn is None:
+            variables = [
+                v for v in self.model.non_trainable_variables if "float" in str(v.dtype)
+            ]
+            strategy = self.strategy
+
+            def replica_fn():
+                ctx = tf.distribute.get_replica_context()
+                local = [tf.identity(v.value) for v in variables]
+                means = ctx.all_reduce("MEAN", local)
+                for v, m in zip(variables, means):
+                    v.value.assign(m)
+
+            self._fn = tf.function(lambda: strategy.run(replica_fn))
+        self._fn()

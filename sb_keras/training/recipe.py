@@ -5,6 +5,8 @@ import os
 
 import keras
 
+from sb_keras.training.distribute import SyncMovingStatistics
+
 SCHEDULES = ("step", "cosine", "constant")
 # Kang & Kim, CIFAR: lr x0.1 after epochs 150 and 225 of 300.
 PAPER_MILESTONES = (0.5, 0.75)
@@ -107,8 +109,9 @@ class NaNGuard(keras.callbacks.Callback):
             )
 
 
-def make_callbacks(output, chief=True, tensorboard=True, extra=()):
-    """The run's callbacks, in order: NaN guard, backup, checkpoints, logs.
+def make_callbacks(output, strategy=None, tensorboard=True, extra=()):
+    """The run's callbacks, in order: NaN guard, statistics sync, backup,
+    checkpoints, logs.
 
     Files (under ``output``; a non-chief worker writes under
     ``output/<task>`` so workers never race on one file):
@@ -128,6 +131,7 @@ def make_callbacks(output, chief=True, tensorboard=True, extra=()):
             keep=f"The last good state is kept in {backup} and the last "
             f"finished epoch in {os.path.join(ckpt, 'last.keras')}."
         ),
+        *([SyncMovingStatistics(strategy)] if strategy is not None else []),
         *extra,
         keras.callbacks.BackupAndRestore(
             backup, save_freq="epoch", delete_checkpoint=False
@@ -147,7 +151,6 @@ def make_callbacks(output, chief=True, tensorboard=True, extra=()):
                 os.path.join(output, "tensorboard"), update_freq="epoch"
             )
         )
-    del chief
     return callbacks
 
 

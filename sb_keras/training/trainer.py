@@ -253,7 +253,9 @@ def train(config=None, callbacks=(), **overrides):
         initial_epoch=initial_epoch,
     )
     test_ds = data.make_dataset(x_test, y_test, config.batch_size, deterministic=True)
-    cbs = recipe.make_callbacks(output, tensorboard=config.tensorboard, extra=callbacks)
+    cbs = recipe.make_callbacks(
+        output, strategy=strategy, tensorboard=config.tensorboard, extra=callbacks
+    )
     start = time.time()
     with distribute.multi_worker_fit_fix(strategy):
         history = model.fit(
