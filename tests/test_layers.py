@@ -188,3 +188,44 @@ def test_layer_config_round_trip():
         config = layer.get_config()
         clone = type(layer).from_config(config)
         assert clone.get_config() == config
+
+
+def test_user_built_functional_model_keeps_sharing(tmp_path):
+    """Sharing is a graph edge: a plain keras.Model built from the layers
+    keeps one basis through save/load and clone_model."""
+    x = keras.Input((8, 8, 6))
+    basis = FilterBasis(rank=4, in_channels=6, name="basis")(x)
+    y = BasisConv2D(6, unique_rank=1, name="c1")([x, basis])
+    y = keras.layers.ReLU()(y)
+    y = BasisConv2D(6, unique_rank=1, name="c2")([y, basis])
+    model = keras.Model(x, y)
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    data = np.random.RandomState(5).normal(size=(2, 8, 8, 6)).astype("float32")
+    for other in (keras.models.load_model(path), keras.models.clone_model(model)):
+        other.set_weights(model.get_weights())
+        assert len({id(v) for v in other.weights}) == len(model.weights)
+        owner = other.get_layer("basis")
+        assert len(owner.bases) == 1
+        np.testing.assert_allclose(other(data), model(data), atol=1e-6)
+        owner.bases[0].assign(np.zeros(owner.bases[0].shape))
+        assert np.abs(np.array(other(data)) - np.array(model(data))).max() > 1e-3
+
+
+def test_mixed_bfloat16_policy():
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        x = keras.Input((8, 8, 6))
+        owner = FilterBasis(rank=4, in_channels=6)
+        basis = owner(x)
+        conv = BasisConv2D(6, unique_rank=1, orthogonality=1.0)
+        model = keras.Model(x, conv([x, basis]))
+        out = model(np.ones((1, 8, 8, 6), "float32"))
+        assert owner.bases[0].dtype == "float32"
+        assert conv.coefficients.dtype == "float32"
+        assert keras.backend.standardize_dtype(out.dtype) == "bfloat16"
+        assert all(
+            keras.backend.standardize_dtype(v.dtype) == "float32" for v in model.losses
+        )
+    finally:
+        keras.config.set_dtype_policy("float32")

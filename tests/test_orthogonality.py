@@ -114,7 +114,7 @@ def test_penalty_added_once_per_step_in_evaluate_and_fit():
 
 
 def test_lambda_zero_adds_nothing():
-    model = sb_keras.ResNet(depth=8, share=True, orthogonality=0.0)
+    model = sb_keras.ResNet(depth=14, share=True, orthogonality=0.0)
     model(np.zeros((1, 32, 32, 3), "float32"))
     assert model.losses == []
 

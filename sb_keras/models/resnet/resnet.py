@@ -42,7 +42,8 @@ class ResNet(keras.Model):
       (one 3x3 conv, 100 classes, as the authors' CIFAR-100 models).
     * ``depth`` 50, 101 or 152: bottleneck ResNets (torchvision layout).
 
-    With ``share=True`` the non-first blocks of every stage change:
+    With ``share=True`` the non-first blocks of every stage change (so a
+    depth-8 CIFAR ResNet, one block per stage, has nothing to share):
 
     * basic blocks: each 3x3 conv becomes a `BasisConv2D` (per-layer unique
       basis of ``unique_rank * 2**(g-1)`` filters and a stage-wide shared
