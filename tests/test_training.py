@@ -315,7 +315,7 @@ _RUN = textwrap.dedent(
 )
 
 
-def _run(config, kill_at=None, env=None, timeout=300):
+def _run(config, kill_at=None, env=None):
     args = dict(vars(config))
     cmd = [sys.executable, "-c", _RUN, json.dumps(args), json.dumps(kill_at)]
     full_env = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "3"}
@@ -335,11 +335,11 @@ def test_sigkill_mid_epoch_then_same_command_equals_uninterrupted_run(tmp_path):
     killed = tiny_config(tmp_path, output=str(tmp_path / "killed"), **common)
     p = _run(straight)
     q = _run(killed, kill_at=[1, 1])  # epoch 2, after its 2nd of 3 batches
-    assert q.wait(300) == -signal.SIGKILL, q.stderr.read()[-2000:]
-    assert p.wait(300) == 0, p.stderr.read()[-2000:]
+    assert q.wait(900) == -signal.SIGKILL, q.stderr.read()[-2000:]
+    assert p.wait(900) == 0, p.stderr.read()[-2000:]
     assert not os.path.exists(os.path.join(killed.output, "model.keras"))
     r = _run(killed)  # the same command again
-    assert r.wait(300) == 0, r.stderr.read()[-2000:]
+    assert r.wait(900) == 0, r.stderr.read()[-2000:]
     with open(os.path.join(killed.output, "metrics.json")) as f:
         assert json.load(f)["resumed_at_epoch"] == 1
     for a, b in zip(_final_weights(straight.output), _final_weights(killed.output)):
@@ -368,7 +368,7 @@ def test_two_workers_on_localhost_train_to_identical_weights(tmp_path):
         }
         procs.append(_run(config, env={"TF_CONFIG": json.dumps(tf_config)}))
     try:
-        codes = [p.wait(300) for p in procs]
+        codes = [p.wait(900) for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
