@@ -184,6 +184,21 @@ def test_two_logical_cpus_match_one_device():
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+def test_make_strategy_choices(monkeypatch):
+    from sb_keras.training import make_strategy
+
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    assert make_strategy("none").num_replicas_in_sync == 1
+    assert make_strategy("auto").num_replicas_in_sync == 1  # no GPU here
+    two = make_strategy("auto", devices=2)
+    assert isinstance(two, tf.distribute.MirroredStrategy)
+    assert two.num_replicas_in_sync == 2
+    with pytest.raises(ValueError, match="TF_CONFIG unset"):
+        make_strategy("multiworker")
+    with pytest.raises(ValueError, match="devices=0"):
+        make_strategy("mirrored", devices=0)
+
+
 # --- the NaN guard -----------------------------------------------------------
 
 
