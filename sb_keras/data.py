@@ -16,6 +16,11 @@ The models of sb_keras normalize pixels themselves (see
 `sb_keras.layers.PixelNormalization`), so the pipelines here yield float32
 pixels in ``[0, 255]``, augmented as in the paper for training: 4-pixel zero
 padding, a random 32x32 crop and a random horizontal flip.
+
+`make_train_dataset` is the training stream of `sb_keras.training`: each
+epoch's shuffle and augmentation are stateless functions of ``(seed,
+epoch)``, so a run resumed at epoch ``e`` sees the batches an uninterrupted
+run sees there.
 """
 
 import os

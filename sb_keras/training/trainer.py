@@ -101,6 +101,10 @@ class TrainConfig:
                 f"Received: strategy={self.strategy!r}"
             )
         recipe.parse_schedule(self.schedule, self.epochs)
+        if not isinstance(self.model_args, dict):
+            raise ValueError(
+                f"`model_args` must be a dict. Received: model_args={self.model_args!r}"
+            )
         return self
 
 
