@@ -267,6 +267,7 @@ def train(config=None, callbacks=(), **overrides):
             epochs=config.epochs,
             steps_per_epoch=steps,
             validation_data=test_ds,
+            shuffle=False,  # each epoch is shuffled by make_train_dataset
             callbacks=cbs,
             verbose=config.verbose,
         )
