@@ -12,10 +12,13 @@ from sb_keras import layers
 from sb_keras import regularizers
 from sb_keras.analysis import orthogonality
 from sb_keras.analysis import orthogonality_loss
+from sb_keras.checkpoints import load_authors_checkpoint
 from sb_keras.counting import count_macs
 from sb_keras.counting import count_params
 from sb_keras.counting import count_table
+from sb_keras.models import ACDCResNet
 from sb_keras.models import ResNet
+from sb_keras.models import freeze_all_but_atoms
 from sb_keras.registry import get_model
 from sb_keras.registry import list_models
 from sb_keras.registry import model_info
@@ -34,4 +37,7 @@ __all__ = [
     "orthogonality_loss",
     "regularizers",
     "__version__",
+    "load_authors_checkpoint",
+    "ACDCResNet",
+    "freeze_all_but_atoms",
 ]

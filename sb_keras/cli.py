@@ -45,6 +45,69 @@ def _add_table(sub):
     p.set_defaults(func=_cmd_table)
 
 
+def _cmd_convert(args):
+    from sb_keras import checkpoints
+    from sb_keras import counting
+
+    if not args.output.endswith(".keras"):
+        raise ValueError(
+            f"The output must be a .keras file. Received: output={args.output!r}"
+        )
+    model = checkpoints.load_authors_checkpoint(args.checkpoint)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    model.save(args.output)
+    print(
+        f"{args.checkpoint} -> {args.output}: {model.name} "
+        f"({counting.count_params(model):,} parameters)"
+    )
+
+
+def _cmd_evaluate(args):
+    from sb_keras import evaluate
+
+    result = evaluate.evaluate(
+        args.model,
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        limit=args.limit,
+        batch_size=args.batch_size,
+    )
+    print(
+        f"{args.model}: top-1 {result['top1']:.2f}% "
+        f"({result['correct']}/{result['total']}) on {args.dataset} test"
+    )
+
+
+def _add_convert(sub):
+    p = sub.add_parser(
+        "convert",
+        help="convert an authors' PyTorch checkpoint (.pth) to a .keras model",
+        description="Reads the checkpoint without torch (no code from the file "
+        "runs), infers the ResNet and writes it with all weights placed.",
+    )
+    p.add_argument("checkpoint", help="an authors' CIFAR-10 .pth file")
+    p.add_argument("output", help="the .keras file to write")
+    p.set_defaults(func=_cmd_convert)
+
+
+def _add_evaluate(sub):
+    p = sub.add_parser(
+        "evaluate",
+        help="print the top-1 accuracy of a .keras model or a .pth checkpoint",
+    )
+    p.add_argument("model", help="a .keras file or an authors' .pth checkpoint")
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder with test.npz (x uint8 [N,32,32,3], y [N]) or a "
+        "tensorflow-datasets data dir (default: $SB_KERAS_DATA_DIR, then tfds)",
+    )
+    p.add_argument("--limit", type=int, default=None, help="first N images only")
+    p.add_argument("--batch-size", type=int, default=200)
+    p.add_argument("--dataset", default="cifar10", help="default: cifar10")
+    p.set_defaults(func=_cmd_evaluate)
+
+
 def _cmd_train(args):
     import json
 
@@ -115,7 +178,7 @@ def _add_train(sub):
 
 
 # Subcommand builders, in help order. Each adds one parser.
-COMMANDS = [_add_list, _add_table, _add_train]
+COMMANDS = [_add_list, _add_table, _add_convert, _add_evaluate, _add_train]
 
 
 def build_parser():

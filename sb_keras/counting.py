@@ -8,6 +8,7 @@ multiply-accumulates for one image, each *use* of a shared kernel counted.
 
 import keras
 
+from sb_keras.layers import ACDCConv2D
 from sb_keras.layers import BasisConv2D
 from sb_keras.layers import SharedConv2D
 
@@ -70,6 +71,8 @@ def layer_macs(layer, input_shapes, output_shape):
         return _spatial(output_shape) * kh * kw * cin * output_shape[-1]
     if isinstance(layer, keras.layers.Dense):
         return _prod(output_shape[1:]) * input_shapes[0][-1]
+    if isinstance(layer, ACDCConv2D):
+        return _spatial(output_shape) * layer.macs_per_position()
     return 0
 
 

@@ -194,3 +194,31 @@ def _ensure_registered():
             share=True,
             sharing="double",
         )
+    _register_acdc()
+
+
+def _register_acdc():
+    """ACDC ResNets (Wang et al.): atoms per layer, coefficients per scope."""
+    from sb_keras.models.acdc_resnet import ACDCResNet
+
+    scopes = ("network", "stage", "layer")
+    for depth in (20, 32, 44, 56, 110):
+        for sharing in scopes:
+            register(
+                f"acdc_resnet{depth}_{sharing}",
+                ACDCResNet,
+                f"CIFAR-10 ResNet-{depth}-ACDC, coefficients shared per {sharing}",
+                depth=depth,
+                sharing=sharing,
+            )
+    for stem, data in (("cifar", "CIFAR-100"), ("imagenet", "ImageNet")):
+        for depth in (18, 34):
+            for sharing in scopes:
+                register(
+                    f"acdc_resnet{depth}_{sharing}_{stem}",
+                    ACDCResNet,
+                    f"{data} ResNet-{depth}-ACDC, coefficients shared per {sharing}",
+                    depth=depth,
+                    stem=stem,
+                    sharing=sharing,
+                )

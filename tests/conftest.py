@@ -27,6 +27,22 @@ except RuntimeError:  # already initialized by another plugin
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
 
 
+_MIRRORED = []
+
+
+@pytest.fixture(scope="session")
+def mirrored_strategy():
+    """The one MirroredStrategy over CPU:0 and CPU:1 of the test session.
+
+    A second MirroredStrategy in the same process makes the CPU collectives
+    of the first clash ("Shape mismatch in the collective"), so every test
+    shares this one.
+    """
+    if not _MIRRORED:
+        _MIRRORED.append(tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"]))
+    return _MIRRORED[0]
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_clear():
     keras.utils.set_random_seed(1234)

@@ -30,7 +30,7 @@ def _train(strategy, weights, x, y):
     return model, history.history["loss"][0]
 
 
-def test_mirrored_equals_single_device():
+def test_mirrored_equals_single_device(mirrored_strategy):
     rng = np.random.RandomState(0)
     x = rng.uniform(0, 255, (24, 32, 32, 3)).astype("float32")  # 3 steps
     y = rng.randint(0, 10, 24)
@@ -46,9 +46,7 @@ def test_mirrored_equals_single_device():
     weights = reference.get_weights()
 
     single, loss1 = _train(tf.distribute.OneDeviceStrategy("CPU:0"), weights, x, y)
-    mirrored, loss2 = _train(
-        tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"]), weights, x, y
-    )
+    mirrored, loss2 = _train(mirrored_strategy, weights, x, y)
     assert mirrored.distribute_strategy.num_replicas_in_sync == 2
     assert sb_keras.orthogonality_loss(single) > 1e-3
     np.testing.assert_allclose(loss2, loss1, rtol=1e-5)

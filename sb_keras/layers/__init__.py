@@ -1,5 +1,7 @@
 """Layers of sb_keras: shared filter bases and the convolutions that use them."""
 
+from sb_keras.layers.acdc_coefficients import ACDCCoefficients
+from sb_keras.layers.acdc_conv import ACDCConv2D
 from sb_keras.layers.basis_conv import BasisConv2D
 from sb_keras.layers.filter_basis import FilterBasis
 from sb_keras.layers.preprocessing import PixelNormalization
@@ -12,4 +14,6 @@ __all__ = [
     "PixelNormalization",
     "SharedConv2D",
     "ZeroPadShortcut",
+    "ACDCCoefficients",
+    "ACDCConv2D",
 ]

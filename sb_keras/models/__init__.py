@@ -1,5 +1,7 @@
 """Model families of sb_keras."""
 
+from sb_keras.models.acdc_resnet import ACDCResNet
+from sb_keras.models.acdc_resnet import freeze_all_but_atoms
 from sb_keras.models.resnet import ResNet
 
-__all__ = ["ResNet"]
+__all__ = ["ResNet", "ACDCResNet", "freeze_all_but_atoms"]
