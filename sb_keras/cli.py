@@ -201,8 +201,84 @@ def _add_evaluate(sub):
     p.set_defaults(func=_cmd_evaluate)
 
 
+def _cmd_train(args):
+    import json
+
+    from sb_keras.training import NonFiniteLossError
+    from sb_keras.training import TrainConfig
+    from sb_keras.training import train
+
+    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in _TRAIN_FIELDS})
+    try:
+        metrics = train(config)
+    except NonFiniteLossError as e:
+        print(f"sb-keras train: error: {e}", file=sys.stderr)
+        return 3
+    keep = ("model", "test_accuracy", "test_loss", "train_images_per_second")
+    print(json.dumps({k: metrics[k] for k in keep}))
+    print(f"model and metrics written to {config.output}")
+
+
+_TRAIN_FIELDS = (
+    "model dataset epochs batch_size lr momentum schedule weight_decay "
+    "orthogonality precision strategy devices seed data_dir output limit "
+    "test_limit deterministic verbose tensorboard"
+).split()
+
+
+def _add_train(sub):
+    p = sub.add_parser(
+        "train",
+        help="train a model with the paper's recipe (resumes after a crash)",
+        description="Train a registered model. Defaults are Kang & Kim's CIFAR "
+        "recipe. Running the same command again resumes an interrupted run.",
+    )
+    p.add_argument("--model", default="resnet56_s16u1_double", help="registry name")
+    p.add_argument("--dataset", default="cifar10", help="cifar10, cifar100, imagenet")
+    p.add_argument("--epochs", type=int, default=300)
+    p.add_argument(
+        "--batch-size", type=int, default=256, help="global batch (all replicas)"
+    )
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument(
+        "--schedule",
+        default="step",
+        help="step (x0.1 at 50%% and 75%% of the epochs), step:E1,E2, cosine, constant",
+    )
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="coupled L2")
+    p.add_argument("--orthogonality", type=float, default=10.0, help="lambda")
+    p.add_argument(
+        "--precision", default="float32", choices=["float32", "mixed_bfloat16"]
+    )
+    p.add_argument(
+        "--strategy",
+        default="auto",
+        choices=["auto", "mirrored", "multiworker", "none"],
+    )
+    p.add_argument(
+        "--devices", type=int, default=None, help="logical CPU devices or GPUs"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", default=None, help="folder with train/test .npz")
+    p.add_argument("--output", default="runs/train", help="folder of the run")
+    p.add_argument("--limit", type=int, default=None, help="first N train images")
+    p.add_argument("--test-limit", type=int, default=None, help="first N test images")
+    p.add_argument("--deterministic", action="store_true", help="deterministic ops")
+    p.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2])
+    p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false")
+    p.set_defaults(func=_cmd_train)
+
+
 # Subcommand builders, in help order. Each adds one parser.
-COMMANDS = [_add_list, _add_table, _add_convert, _add_evaluate, _add_tune]
+COMMANDS = [
+    _add_list,
+    _add_table,
+    _add_train,
+    _add_convert,
+    _add_evaluate,
+    _add_tune,
+]
 
 
 def build_parser():

@@ -16,6 +16,11 @@ The models of sb_keras normalize pixels themselves (see
 `sb_keras.layers.PixelNormalization`), so the pipelines here yield float32
 pixels in ``[0, 255]``, augmented as in the paper for training: 4-pixel zero
 padding, a random 32x32 crop and a random horizontal flip.
+
+`make_train_dataset` is the training stream of `sb_keras.training`: each
+epoch's shuffle and augmentation are stateless functions of ``(seed,
+epoch)``, so a run resumed at epoch ``e`` sees the batches an uninterrupted
+run sees there.
 """
 
 import os
@@ -236,4 +241,91 @@ def make_dataset(
         num_parallel_calls=tf.data.AUTOTUNE,
     )
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
+
+
+def epoch_seed(seed, epoch):
+    """The seed of one epoch's shuffle and augmentation (a pure function).
+
+    A run resumed at epoch ``e`` therefore sees exactly the batches an
+    uninterrupted run sees at epoch ``e``, whatever happened before.
+    """
+    import tensorflow as tf
+
+    seed = tf.cast(seed, tf.int64)
+    epoch = tf.cast(epoch, tf.int64)
+    return (seed * 1_000_003 + epoch * 7_919 + 17) % (2**31 - 1)
+
+
+def make_train_dataset(x, y, batch_size, seed=0, epochs=1, initial_epoch=0):
+    """A deterministic training stream: epochs ``initial_epoch .. epochs-1``.
+
+    Every epoch is shuffled and augmented (pad 4, random crop, flip) with
+    seeds that depend only on ``(seed, epoch)`` (`epoch_seed`), so the data
+    of epoch ``e`` does not depend on how many epochs this process has
+    already iterated: a run restarted from a checkpoint at epoch ``e`` sees
+    the same batches as a run that never stopped. Batches are full
+    (``len(x) // batch_size`` per epoch); pass that number as
+    ``steps_per_epoch`` to ``fit``.
+
+    Args:
+        x: uint8 images ``[N, H, W, 3]``.
+        y: integer labels ``[N]``.
+        batch_size: global batch size.
+        seed: integer seed of the run.
+        epochs: the last epoch (exclusive), as ``fit(epochs=...)``.
+        initial_epoch: the first epoch to produce.
+
+    Returns:
+        A ``tf.data.Dataset`` of ``(float32 pixels [B, H, W, 3], int64 [B])``.
+
+    Example:
+
+    >>> import numpy as np
+    >>> x = np.zeros((8, 32, 32, 3), "uint8"); y = np.arange(8)
+    >>> ds = make_train_dataset(x, y, batch_size=4, seed=1, epochs=2)
+    >>> [tuple(b[0].shape) for b in ds]
+    [(4, 32, 32, 3), (4, 32, 32, 3), (4, 32, 32, 3), (4, 32, 32, 3)]
+
+    Reference: the augmentation of Kang & Kim (arXiv 2006.05066), as He et
+    al.'s CIFAR ResNets.
+    """
+    import tensorflow as tf
+
+    for arg, value, low in (
+        ("batch_size", batch_size, 1),
+        ("epochs", epochs, 1),
+        ("initial_epoch", initial_epoch, 0),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(
+                f"`{arg}` must be an integer >= {low}. Received: {arg}={value!r}"
+            )
+    if len(x) < batch_size:
+        raise ValueError(
+            f"`batch_size` is larger than the {len(x)} training images. "
+            f"Received: batch_size={batch_size}"
+        )
+    n = len(x)
+    images = tf.constant(x)
+    labels = tf.constant(np.asarray(y, np.int64))
+
+    def one_epoch(epoch):
+        s = epoch_seed(seed, epoch)
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(n, dtype=tf.int64), seed=tf.stack([s, tf.constant(0, tf.int64)])
+        )
+
+        def load(i, index):
+            image = augment(tf.gather(images, index), tf.stack([s, i]))
+            return tf.cast(image, tf.float32), tf.gather(labels, index)
+
+        ds = tf.data.Dataset.from_tensor_slices(order).enumerate()
+        ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE)
+        return ds.batch(batch_size, drop_remainder=True)
+
+    epochs_ds = tf.data.Dataset.range(initial_epoch, max(epochs, initial_epoch))
+    ds = epochs_ds.flat_map(one_epoch)
+    options = tf.data.Options()
+    options.deterministic = True
     return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
