@@ -15,6 +15,7 @@ from sb_keras.analysis import orthogonality_loss
 from sb_keras.counting import count_macs
 from sb_keras.counting import count_params
 from sb_keras.counting import count_table
+from sb_keras.models import MobileNetV2
 from sb_keras.models import ResNet
 from sb_keras.registry import get_model
 from sb_keras.registry import list_models
@@ -34,4 +35,5 @@ __all__ = [
     "orthogonality_loss",
     "regularizers",
     "__version__",
+    "MobileNetV2",
 ]
