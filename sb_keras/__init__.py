@@ -8,6 +8,7 @@ Example:
 True
 """
 
+from sb_keras import export
 from sb_keras import layers
 from sb_keras import regularizers
 from sb_keras.analysis import orthogonality
@@ -36,4 +37,5 @@ __all__ = [
     "regularizers",
     "__version__",
     "MobileNetV2",
+    "export",
 ]

@@ -45,8 +45,63 @@ def _add_table(sub):
     p.set_defaults(func=_cmd_table)
 
 
+def _cmd_export(args):
+    from sb_keras.export import pipeline
+
+    layout = args.layout or "folded"
+    content = pipeline.export_tflite(
+        args.model,
+        args.output,
+        quantize=args.quantize,
+        layout=layout,
+        data_dir=args.data_dir,
+        dataset=args.dataset,
+        int8_io=args.int8_io,
+        calibration_count=args.calibration_count,
+    )
+    print(f"wrote {args.output} ({len(content):,} bytes, {args.quantize}, {layout})")
+
+
+def _add_export(sub):
+    p = sub.add_parser(
+        "export", help="fold and convert a .keras model to .tflite (builtin ops)"
+    )
+    p.add_argument("model", help="a .keras file (or an authors' checkpoint)")
+    p.add_argument("output", help="the .tflite file to write")
+    p.add_argument(
+        "--quantize", default="none", choices=("none", "float16", "dynamic", "int8")
+    )
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "--folded",
+        dest="layout",
+        action="store_const",
+        const="folded",
+        help="one plain conv per decomposed conv: fewer ops (default)",
+    )
+    group.add_argument(
+        "--decomposed",
+        dest="layout",
+        action="store_const",
+        const="decomposed",
+        help="keep shared kernels once: fewer bytes",
+    )
+    group.add_argument(
+        "--auto-layout",
+        dest="layout",
+        action="store_const",
+        const="auto",
+        help="pick folded or decomposed by measured size and latency",
+    )
+    p.add_argument("--data-dir", default=None, help="real dataset (int8 calibration)")
+    p.add_argument("--dataset", default="cifar10")
+    p.add_argument("--int8-io", action="store_true", help="int8 input/output tensors")
+    p.add_argument("--calibration-count", type=int, default=500)
+    p.set_defaults(func=_cmd_export)
+
+
 # Subcommand builders, in help order. Each adds one parser.
-COMMANDS = [_add_list, _add_table]
+COMMANDS = [_add_list, _add_table, _add_export]
 
 
 def build_parser():

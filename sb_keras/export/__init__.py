@@ -12,5 +12,37 @@
 from sb_keras.export.folding import LAYOUTS
 from sb_keras.export.folding import fold_model
 from sb_keras.export.graph import UnsupportedLayerError
+from sb_keras.export.pipeline import choose_layout
+from sb_keras.export.pipeline import export_tflite
+from sb_keras.export.pipeline import load_float_model
+from sb_keras.export.qat import FakeQuant
+from sb_keras.export.qat import QuantConv2D
+from sb_keras.export.qat import QuantDense
+from sb_keras.export.qat import QuantDepthwiseConv2D
+from sb_keras.export.qat import QuantSharedConv2D
+from sb_keras.export.qat import calibrate
+from sb_keras.export.qat import quantize_aware_model
+from sb_keras.export.tflite import QUANTIZE_MODES
+from sb_keras.export.tflite import NonBuiltinOpError
+from sb_keras.export.tflite import convert
+from sb_keras.export.tflite import op_names
 
-__all__ = ["LAYOUTS", "UnsupportedLayerError", "fold_model"]
+__all__ = [
+    "LAYOUTS",
+    "NonBuiltinOpError",
+    "QUANTIZE_MODES",
+    "UnsupportedLayerError",
+    "FakeQuant",
+    "QuantConv2D",
+    "QuantDense",
+    "QuantDepthwiseConv2D",
+    "QuantSharedConv2D",
+    "calibrate",
+    "choose_layout",
+    "export_tflite",
+    "load_float_model",
+    "quantize_aware_model",
+    "convert",
+    "fold_model",
+    "op_names",
+]
