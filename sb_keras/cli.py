@@ -58,6 +58,8 @@ def _cmd_export(args):
         dataset=args.dataset,
         int8_io=args.int8_io,
         calibration_count=args.calibration_count,
+        per_channel=not args.per_tensor,
+        strip_names=args.strip_names,
     )
     print(f"wrote {args.output} ({len(content):,} bytes, {args.quantize}, {layout})")
 
@@ -97,6 +99,12 @@ def _add_export(sub):
     p.add_argument("--dataset", default="cifar10")
     p.add_argument("--int8-io", action="store_true", help="int8 input/output tensors")
     p.add_argument("--calibration-count", type=int, default=500)
+    p.add_argument(
+        "--per-tensor", action="store_true", help="int8 weights: one scale per tensor"
+    )
+    p.add_argument(
+        "--strip-names", action="store_true", help="drop tensor names and signatures"
+    )
     p.set_defaults(func=_cmd_export)
 
 

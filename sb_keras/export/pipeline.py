@@ -79,6 +79,8 @@ def export_tflite(
     dataset="cifar10",
     int8_io=False,
     calibration_count=500,
+    per_channel=True,
+    strip_names=False,
 ):
     """Loads (if a path), folds and converts a model; returns the bytes.
 
@@ -92,6 +94,7 @@ def export_tflite(
         dataset: dataset name of `sb_keras.data`.
         int8_io: int8 input and output tensors (``quantize="int8"`` only).
         calibration_count: calibration images for full-integer int8.
+        per_channel, strip_names: see `sb_keras.export.convert`.
 
     Example:
 
@@ -124,4 +127,6 @@ def export_tflite(
         quantize=quantize,
         representative_data=rep,
         int8_io=int8_io,
+        per_channel=per_channel,
+        strip_names=strip_names,
     )
