@@ -48,7 +48,7 @@ def train_stand_in(x, y, epochs, images, batch_size=128, seed=0):
     return model
 
 
-def qat_fine_tune(folded, x, y, epochs=1, images=10000, batch_size=64, lr=1e-3):
+def qat_fine_tune(folded, x, y, epochs=1, images=8000, batch_size=64, lr=1e-3):
     qat = export.quantize_aware_model(folded)
     export.calibrate(qat, x[:512], batch_size=64)
     qat.compile(
@@ -69,8 +69,15 @@ def main(argv=None):
     p.add_argument("--train-images", type=int, default=50000)
     p.add_argument("--test-limit", type=int, default=None)
     p.add_argument("--runs", type=int, default=100)
+    p.add_argument(
+        "--evaluate-existing",
+        action="store_true",
+        help="only evaluate the .keras/.tflite files already in --out",
+    )
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
+    if args.evaluate_existing:
+        return evaluate_existing(args)
 
     x_train, y_train = data.load_arrays("cifar10", "train", data_dir=args.data_dir)
     x_test, y_test = data.load_arrays("cifar10", "test", data_dir=args.data_dir)
@@ -179,6 +186,41 @@ def main(argv=None):
     print(json.dumps(extra, indent=2))
     with open(os.path.join(args.out, "extra.json"), "w") as f:
         json.dump(extra, f, indent=2)
+
+
+def evaluate_existing(args):
+    x_test, y_test = data.load_arrays("cifar10", "test", data_dir=args.data_dir)
+    if args.test_limit:  # test.npz is sorted by class: take a stride
+        stride = max(1, len(x_test) // args.test_limit)
+        x_test, y_test = x_test[::stride], y_test[::stride]
+    x_test = x_test.astype(np.float32)
+    model = export.load_float_model(
+        args.model or os.path.join(args.out, "stand_in.keras")
+    )
+    keras_out = model.predict(x_test, batch_size=250, verbose=0)
+    rows = [
+        {
+            "file": f"{model.name} (Keras float32)",
+            "top1": float(np.mean(keras_out.argmax(-1) == y_test)),
+            "n": len(x_test),
+        }
+    ]
+    for name in sorted(os.listdir(args.out)):
+        if name.endswith(".tflite") and name.startswith(model.name):
+            rows.append(
+                litert.evaluate_path(
+                    os.path.join(args.out, name),
+                    x_test,
+                    y_test,
+                    runs=args.runs,
+                    keras_outputs=keras_out,
+                )
+            )
+    litert.write_table(
+        rows,
+        os.path.join(args.out, "table.json"),
+        os.path.join(args.out, "table.md"),
+    )
 
 
 if __name__ == "__main__":
