@@ -48,7 +48,7 @@ def train_stand_in(x, y, epochs, images, batch_size=128, seed=0):
     return model
 
 
-def qat_fine_tune(folded, x, y, epochs=1, images=8000, batch_size=64, lr=1e-3):
+def qat_fine_tune(folded, x, y, epochs=1, images=8000, batch_size=64, lr=1e-5):
     qat = export.quantize_aware_model(folded)
     export.calibrate(qat, x[:512], batch_size=64)
     qat.compile(
