@@ -82,7 +82,6 @@ def test_folding_is_exact_in_inference(name, layout):
         assert sum(isinstance(lay, FilterBasis) for lay in folded.layers) == n_bases
 
 
-@pytest.mark.slow
 def test_decomposed_file_stores_each_shared_basis_once():
     # ResNet-20 S16U1 single sharing: each stage basis feeds 4 convs.
     model = randomize_batchnorm(sb_keras.ResNet(depth=20, share=True, sharing="single"))
@@ -151,7 +150,6 @@ def test_per_tensor_and_stripped_file_is_smaller():
     assert len(small) < len(default)
 
 
-@pytest.mark.slow
 def test_qat_model_converts_to_full_int8_close_to_keras(tmp_path):
     model = small_resnet()
     qat = export.quantize_aware_model(export.fold_model(model))

@@ -71,7 +71,6 @@ def test_model_checklist_with_a_fit_step():
     helpers.run_model_test(model, num_classes=10)
 
 
-@pytest.mark.slow
 def test_keras_round_trip_keeps_shared_tensors_shared():
     model = sb_keras.MobileNetV2(
         share=True, sharing="double", variant="cifar", alpha=0.35, num_classes=10
