@@ -8,6 +8,7 @@ Example:
 True
 """
 
+from sb_keras import export
 from sb_keras import layers
 from sb_keras import regularizers
 from sb_keras.analysis import orthogonality
@@ -17,6 +18,7 @@ from sb_keras.counting import count_macs
 from sb_keras.counting import count_params
 from sb_keras.counting import count_table
 from sb_keras.models import ACDCResNet
+from sb_keras.models import MobileNetV2
 from sb_keras.models import ResNet
 from sb_keras.models import freeze_all_but_atoms
 from sb_keras.registry import get_model
@@ -40,4 +42,6 @@ __all__ = [
     "load_authors_checkpoint",
     "ACDCResNet",
     "freeze_all_but_atoms",
+    "MobileNetV2",
+    "export",
 ]

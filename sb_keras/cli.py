@@ -158,6 +158,17 @@ def _cmd_convert(args):
 def _cmd_evaluate(args):
     from sb_keras import evaluate
 
+    if args.model.lower().endswith(".tflite"):
+        # The deployment table: top-1, size and batch-1 latency (LiteRT).
+        from sb_keras import litert
+
+        litert.evaluate_files(
+            [args.model],
+            data_dir=args.data_dir,
+            dataset=args.dataset,
+            limit=args.limit,
+        )
+        return
     result = evaluate.evaluate(
         args.model,
         dataset=args.dataset,
@@ -271,12 +282,77 @@ def _add_train(sub):
 
 
 # Subcommand builders, in help order. Each adds one parser.
+def _cmd_export(args):
+    from sb_keras.export import pipeline
+
+    layout = args.layout or "folded"
+    content = pipeline.export_tflite(
+        args.model,
+        args.output,
+        quantize=args.quantize,
+        layout=layout,
+        data_dir=args.data_dir,
+        dataset=args.dataset,
+        int8_io=args.int8_io,
+        calibration_count=args.calibration_count,
+        per_channel=not args.per_tensor,
+        strip_names=args.strip_names,
+    )
+    print(f"wrote {args.output} ({len(content):,} bytes, {args.quantize}, {layout})")
+
+
+def _add_export(sub):
+    p = sub.add_parser(
+        "export", help="fold and convert a .keras model to .tflite (builtin ops)"
+    )
+    p.add_argument("model", help="a .keras file (or an authors' checkpoint)")
+    p.add_argument("output", help="the .tflite file to write")
+    p.add_argument(
+        "--quantize", default="none", choices=("none", "float16", "dynamic", "int8")
+    )
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "--folded",
+        dest="layout",
+        action="store_const",
+        const="folded",
+        help="one plain conv per decomposed conv: fewer ops (default)",
+    )
+    group.add_argument(
+        "--decomposed",
+        dest="layout",
+        action="store_const",
+        const="decomposed",
+        help="keep shared kernels once: fewer bytes",
+    )
+    group.add_argument(
+        "--auto-layout",
+        dest="layout",
+        action="store_const",
+        const="auto",
+        help="pick folded or decomposed by measured size and latency",
+    )
+    p.add_argument("--data-dir", default=None, help="real dataset (int8 calibration)")
+    p.add_argument("--dataset", default="cifar10")
+    p.add_argument("--int8-io", action="store_true", help="int8 input/output tensors")
+    p.add_argument("--calibration-count", type=int, default=500)
+    p.add_argument(
+        "--per-tensor", action="store_true", help="int8 weights: one scale per tensor"
+    )
+    p.add_argument(
+        "--strip-names", action="store_true", help="drop tensor names and signatures"
+    )
+    p.set_defaults(func=_cmd_export)
+
+
+# Subcommand builders, in help order. Each adds one parser.
 COMMANDS = [
     _add_list,
     _add_table,
     _add_train,
     _add_convert,
     _add_evaluate,
+    _add_export,
     _add_tune,
 ]
 

@@ -47,11 +47,21 @@ def _checkpoint_predictor(path, batch_size):
     return _keras_model_predictor(load_authors_checkpoint(path), batch_size)
 
 
+def _tflite_predictor(path, batch_size):
+    from sb_keras import litert
+
+    def predict(x):
+        return litert.predict(path, x, batch_size=batch_size)
+
+    return predict
+
+
 # File suffix -> predictor(path, batch_size) returning predict(x uint8) -> logits.
 PREDICTORS = {
     ".keras": _keras_file_predictor,
     ".pth": _checkpoint_predictor,
     ".pt": _checkpoint_predictor,
+    ".tflite": _tflite_predictor,
 }
 
 

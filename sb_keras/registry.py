@@ -194,6 +194,32 @@ def _ensure_registered():
             share=True,
             sharing="double",
         )
+    from sb_keras.models.mobilenet_v2 import MobileNetV2
+
+    for variant, data in (("imagenet", "ImageNet"), ("cifar", "CIFAR-100")):
+        register(
+            f"mobilenet_v2_{variant}",
+            MobileNetV2,
+            f"{data} MobileNetV2 (authors' layout)",
+            variant=variant,
+        )
+        register(
+            f"mobilenet_v2_shared_{variant}",
+            MobileNetV2,
+            f"{data} MobileNetV2-Shared (expansion 1x1 shared per stage)",
+            variant=variant,
+            share=True,
+            sharing="single",
+        )
+        register(
+            f"mobilenet_v2_shared_double_{variant}",
+            MobileNetV2,
+            f"{data} MobileNetV2-SharedDouble (expansion and projection shared)",
+            variant=variant,
+            share=True,
+            sharing="double",
+        )
+
     _register_acdc()
 
 

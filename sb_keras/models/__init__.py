@@ -2,6 +2,7 @@
 
 from sb_keras.models.acdc_resnet import ACDCResNet
 from sb_keras.models.acdc_resnet import freeze_all_but_atoms
+from sb_keras.models.mobilenet_v2 import MobileNetV2
 from sb_keras.models.resnet import ResNet
 
-__all__ = ["ResNet", "ACDCResNet", "freeze_all_but_atoms"]
+__all__ = ["ResNet", "ACDCResNet", "MobileNetV2", "freeze_all_but_atoms"]

@@ -1,0 +1,48 @@
+"""From a trained Keras model to a ``.tflite`` file.
+
+* `fold_model`: shared-basis layers and BatchNorms folded into plain convs
+  (``"folded"``) or kept decomposed with the shared kernels stored once
+  (``"decomposed"``); exact in inference.
+* `convert`: float32, float16, dynamic-range int8 or full-integer int8
+  ``.tflite`` with builtin ops only, written atomically.
+* `quantize_aware_model` / `qat_fine_tune`: quantization-aware training
+  with TF fake-quant ops the converter recognizes (no tfmot).
+"""
+
+from sb_keras.export.folding import LAYOUTS
+from sb_keras.export.folding import fold_model
+from sb_keras.export.graph import UnsupportedLayerError
+from sb_keras.export.pipeline import choose_layout
+from sb_keras.export.pipeline import export_tflite
+from sb_keras.export.pipeline import load_float_model
+from sb_keras.export.qat import FakeQuant
+from sb_keras.export.qat import QuantConv2D
+from sb_keras.export.qat import QuantDense
+from sb_keras.export.qat import QuantDepthwiseConv2D
+from sb_keras.export.qat import QuantSharedConv2D
+from sb_keras.export.qat import calibrate
+from sb_keras.export.qat import quantize_aware_model
+from sb_keras.export.tflite import QUANTIZE_MODES
+from sb_keras.export.tflite import NonBuiltinOpError
+from sb_keras.export.tflite import convert
+from sb_keras.export.tflite import op_names
+
+__all__ = [
+    "LAYOUTS",
+    "NonBuiltinOpError",
+    "QUANTIZE_MODES",
+    "UnsupportedLayerError",
+    "FakeQuant",
+    "QuantConv2D",
+    "QuantDense",
+    "QuantDepthwiseConv2D",
+    "QuantSharedConv2D",
+    "calibrate",
+    "choose_layout",
+    "export_tflite",
+    "load_float_model",
+    "quantize_aware_model",
+    "convert",
+    "fold_model",
+    "op_names",
+]

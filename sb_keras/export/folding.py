@@ -1,0 +1,287 @@
+"""Folding a trained model into plain inference layers.
+
+Two layouts, both exact in inference (BatchNorm uses its moving statistics):
+
+* ``"folded"``: every `BasisConv2D` (basis -> BN -> 1x1 coefficients -> BN)
+  becomes one ``k x k`` `Conv2D` with a bias (`BasisConv2D.fold`), every
+  `SharedConv2D` a `Conv2D` holding the shared kernel, and the `FilterBasis`
+  nodes disappear. Fewest ops; the shared kernels are stored once per user.
+* ``"decomposed"``: the sharing is kept. A `BasisConv2D` becomes a unique
+  ``k x k`` conv and a shared ``k x k`` conv (the `FilterBasis` variable,
+  stored once), a concatenation and a 1x1 conv into which both BatchNorms
+  are folded. Fewest bytes.
+
+In both, a BatchNorm whose only input is a convolution without activation
+is folded into that convolution's kernel and bias (in ``"decomposed"``, not
+into a shared kernel, which stays shared).
+"""
+
+import keras
+import numpy as np
+
+from sb_keras.export import graph
+from sb_keras.layers import BasisConv2D
+from sb_keras.layers import FilterBasis
+from sb_keras.layers import PixelNormalization
+from sb_keras.layers import SharedConv2D
+from sb_keras.layers import ZeroPadShortcut
+
+LAYOUTS = ("folded", "decomposed")
+# sb_keras layers that export as they are (constants and builtin ops only).
+_KEEP = (PixelNormalization, ZeroPadShortcut)
+_CONVS = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
+
+
+def bn_affine(bn):
+    """``(scale, shift)`` float64 arrays of an inference-mode BatchNorm."""
+    if tuple(np.atleast_1d(bn.axis)) not in ((-1,), (3,), (1,)) and bn.axis != -1:
+        raise graph.UnsupportedLayerError(
+            f"Only channels-last BatchNorm folds. Received: {bn.name} axis={bn.axis}"
+        )
+    mean = np.asarray(bn.moving_mean, np.float64)
+    var = np.asarray(bn.moving_variance, np.float64)
+    gamma = np.ones_like(mean) if bn.gamma is None else np.asarray(bn.gamma, np.float64)
+    beta = np.zeros_like(mean) if bn.beta is None else np.asarray(bn.beta, np.float64)
+    scale = gamma / np.sqrt(var + bn.epsilon)
+    return scale, beta - mean * scale
+
+
+def _is_linear(layer):
+    act = getattr(layer, "activation", None)
+    return act is None or act is keras.activations.linear
+
+
+def _foldable_bns(model):
+    """BatchNorm nodes that fold into their producer, keyed by id(bn layer)."""
+    uses = graph.consumers(model)
+    out = {}
+    outputs = {id(t) for t in model.outputs}
+    for node in graph.ordered_nodes(model):
+        layer = node.operation
+        if not isinstance(layer, keras.layers.BatchNormalization):
+            continue
+        (x,) = node.input_tensors
+        prod, _ = graph.producer(x)
+        if id(x) in outputs or len(uses.get(id(x), [])) != 1:
+            continue
+        if isinstance(prod, (*_CONVS, BasisConv2D, SharedConv2D)) and _is_linear(prod):
+            out[id(layer)] = prod
+    return out
+
+
+def _conv2d(kernel, bias, strides, padding, name, dilation=1):
+    kh, kw, _, filters = kernel.shape
+    layer = keras.layers.Conv2D(
+        filters,
+        (kh, kw),
+        strides=strides,
+        padding=padding,
+        dilation_rate=dilation,
+        use_bias=bias is not None,
+        name=name,
+    )
+    return layer, [kernel.astype(np.float32)] + (
+        [] if bias is None else [bias.astype(np.float32)]
+    )
+
+
+def _apply(layer, weights, x):
+    y = layer(x)
+    layer.set_weights(weights)
+    return y
+
+
+def _basis_values(node):
+    """The shared basis arrays a `BasisConv2D`/`SharedConv2D` node uses."""
+    values = []
+    for t in node.input_tensors[1:]:
+        owner, index = graph.producer(t)
+        if not isinstance(owner, FilterBasis):
+            raise graph.UnsupportedLayerError(
+                "A shared kernel must come from a FilterBasis layer. "
+                f"Received: {node.operation.name} fed by {owner.name}"
+            )
+        values.append(np.asarray(owner.bases[index]))
+    return values
+
+
+def fold_model(model, layout="folded", fold_batchnorm=True, name=None):
+    """The inference graph of ``model`` with its shared-basis layers folded.
+
+    Args:
+        model: a functional Keras model (e.g. `sb_keras.ResNet`,
+            `sb_keras.MobileNetV2`), trained.
+        layout: `"folded"` (one plain conv per decomposed conv: fewest ops)
+            or `"decomposed"` (shared kernels kept once: fewest bytes).
+        fold_batchnorm: also fold every BatchNorm that follows a conv.
+        name: name of the new model. Defaults to ``model.name``.
+
+    Returns:
+        A plain functional `keras.Model` of builtin Keras layers (plus
+        `FilterBasis`/`SharedConv2D` in the decomposed layout and the
+        constant-only `PixelNormalization`), equal to ``model`` in
+        inference mode up to float rounding.
+
+    Raises:
+        UnsupportedLayerError: for a layer the pass does not know (a
+            custom layer, a nested model).
+
+    Example:
+
+    >>> import numpy as np, sb_keras
+    >>> model = sb_keras.ResNet(depth=20, share=True)
+    >>> folded = sb_keras.export.fold_model(model)
+    >>> x = np.random.uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    >>> bool(np.allclose(folded(x), model(x), atol=1e-4))
+    True
+
+    Reference: Kang & Kim, *Learning Deeply Shared Filter Bases for
+    Efficient ConvNets* (arXiv 2006.05066), the inference equivalence of a
+    decomposed layer and one convolution.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(
+            f"`layout` must be one of {LAYOUTS}. Received: layout={layout!r}"
+        )
+    fold_bn = _foldable_bns(model) if fold_batchnorm else {}
+    decomposed = layout == "decomposed"
+    if decomposed:
+        # Keep the sharing: a BN after a shared kernel is not folded.
+        fold_bn = {k: v for k, v in fold_bn.items() if not isinstance(v, SharedConv2D)}
+    producers_to_fold = {id(p): bn for p, bn in _bn_of(model, fold_bn).items()}
+
+    def handler(node, args, kwargs):
+        layer = node.operation
+        bn = producers_to_fold.get(id(layer))
+        affine = bn_affine(bn) if bn is not None else None
+        if isinstance(layer, keras.layers.BatchNormalization) and id(layer) in fold_bn:
+            return args[0]  # folded into its producer
+        if isinstance(layer, FilterBasis):
+            if not decomposed:
+                return [None] * layer.num_bases if layer.num_bases > 1 else None
+            new = FilterBasis(
+                rank=layer.rank,
+                in_channels=layer.in_channels,
+                kernel_size=layer.kernel_size,
+                num_bases=layer.num_bases,
+                orthogonality=0.0,
+                name=layer.name,
+            )
+            out = new(args[0])
+            new.set_weights(layer.get_weights())
+            return out
+        if isinstance(layer, BasisConv2D):
+            return _fold_basis_conv(node, layer, args, affine, decomposed)
+        if isinstance(layer, SharedConv2D):
+            x = args[0][0]
+            if decomposed:
+                return SharedConv2D(
+                    strides=layer.strides, padding=layer.padding, name=layer.name
+                )(args[0])
+            (kernel,) = _basis_values(node)
+            kernel = kernel.astype(np.float64)
+            bias = None
+            if affine is not None:
+                kernel = kernel * affine[0]
+                bias = affine[1]
+            conv, w = _conv2d(kernel, bias, layer.strides, layer.padding, layer.name)
+            return _apply(conv, w, x)
+        if isinstance(layer, _CONVS) and affine is not None:
+            return _fold_conv_bn(layer, args[0], affine)
+        if isinstance(layer, _KEEP) or graph.is_keras_builtin(layer):
+            if isinstance(layer, keras.Model):
+                raise graph.UnsupportedLayerError(
+                    "Nested models are not supported; flatten the model first. "
+                    f"Received: layer={layer.name!r}"
+                )
+            return graph.call_copy(layer, args, kwargs)
+        raise graph.UnsupportedLayerError(
+            f"Cannot export layer {layer.name!r} of class "
+            f"{type(layer).__name__}: export knows the Keras builtin layers and "
+            "the sb_keras layers. Received: layer="
+            f"{type(layer).__module__}.{type(layer).__name__}"
+        )
+
+    return graph.rebuild(model, handler, name=name or f"{model.name}_{layout}")
+
+
+def _bn_of(model, fold_bn):
+    """Maps each producer layer to the BN folded into it."""
+    bns = {}
+    for node in graph.ordered_nodes(model):
+        if id(node.operation) in fold_bn:
+            bns[fold_bn[id(node.operation)]] = node.operation
+    return bns
+
+
+def _fold_conv_bn(layer, x, affine):
+    scale, shift = affine
+    weights = layer.get_weights()
+    kernel = weights[0].astype(np.float64)
+    bias = weights[1].astype(np.float64) if layer.use_bias else 0.0
+    if isinstance(layer, keras.layers.DepthwiseConv2D):
+        channels, mult = kernel.shape[2], kernel.shape[3]
+        kernel = kernel * scale.reshape(channels, mult)
+        bias = bias * scale + shift
+        new = keras.layers.DepthwiseConv2D(
+            layer.kernel_size,
+            strides=layer.strides,
+            padding=layer.padding,
+            depth_multiplier=layer.depth_multiplier,
+            dilation_rate=layer.dilation_rate,
+            use_bias=True,
+            name=layer.name,
+        )
+        return _apply(new, [kernel.astype(np.float32), np.asarray(bias, np.float32)], x)
+    if layer.groups != 1:
+        raise graph.UnsupportedLayerError(
+            f"Grouped Conv2D + BatchNorm folding is not supported. "
+            f"Received: layer={layer.name!r} groups={layer.groups}"
+        )
+    new, w = _conv2d(
+        kernel * scale,
+        bias * scale + shift,
+        layer.strides,
+        layer.padding,
+        layer.name,
+        dilation=layer.dilation_rate,
+    )
+    return _apply(new, w, x)
+
+
+def _fold_basis_conv(node, layer, args, affine, decomposed):
+    inputs = args[0]
+    x = inputs[0] if isinstance(inputs, (list, tuple)) else inputs
+    bases = _basis_values(node)
+    if not decomposed or layer.num_shared_bases == 0:
+        kernel, bias = layer.fold(bases)
+        kernel, bias = kernel.astype(np.float64), bias.astype(np.float64)
+        if affine is not None:
+            kernel, bias = kernel * affine[0], bias * affine[0] + affine[1]
+        conv, w = _conv2d(kernel, bias, layer.strides, layer.padding, layer.name)
+        return _apply(conv, w, x)
+    # Decomposed: [unique conv, shared conv] -> concat -> 1x1 with both BNs.
+    s_b, t_b = bn_affine(layer.basis_bn)
+    s, t = bn_affine(layer.bn)
+    if affine is not None:
+        s, t = s * affine[0], t * affine[0] + affine[1]
+    coeff = np.asarray(layer.coefficients, np.float64)[0, 0]
+    mix = (s_b[:, None] * coeff) * s[None, :]
+    bias = (t_b @ coeff) * s + t
+    parts = []
+    if layer.unique_kernel is not None:
+        unique = np.asarray(layer.unique_kernel, np.float64)
+        conv, w = _conv2d(
+            unique, None, layer.strides, layer.padding, f"{layer.name}_unique"
+        )
+        parts.append(_apply(conv, w, x))
+    parts.append(
+        SharedConv2D(
+            strides=layer.strides, padding=layer.padding, name=f"{layer.name}_shared"
+        )([x, inputs[1 + layer.basis_index]])
+    )
+    z = parts[0]
+    if len(parts) > 1:
+        z = keras.layers.Concatenate(name=f"{layer.name}_concat")(parts)
+    conv, w = _conv2d(mix[None, None], bias, 1, "valid", f"{layer.name}_coeff")
+    return _apply(conv, w, z)
