@@ -8,6 +8,7 @@ from sb_keras import regularizers
 from sb_keras.api_export import sb_export
 from sb_keras.layers import initializers as sb_init
 from sb_keras.layers.common import check_positive_int
+from sb_keras.layers.common import conv_output_shape
 from sb_keras.layers.common import split_kernel_inputs
 
 
@@ -241,15 +242,9 @@ class BasisConv2D(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         x_shape, _ = split_kernel_inputs(input_shape)
-        spatial = []
-        for size in x_shape[1:3]:
-            if size is None:
-                spatial.append(None)
-            elif self.padding == "same":
-                spatial.append(-(-size // self.strides))
-            else:
-                spatial.append((size - self.kernel_size) // self.strides + 1)
-        return (x_shape[0], *spatial, self.filters)
+        return conv_output_shape(
+            x_shape, self.kernel_size, self.strides, self.padding, self.filters
+        )
 
     def get_config(self):
         config = super().get_config()

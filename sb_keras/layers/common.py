@@ -24,3 +24,16 @@ def split_kernel_inputs(inputs):
 def _is_nested(inputs):
     first = inputs[0]
     return not (first is None or isinstance(first, int))
+
+
+def conv_output_shape(x_shape, kernel_size, strides, padding, filters):
+    """Output shape ``(N, H', W', filters)`` of a 2-D convolution."""
+    spatial = []
+    for size in x_shape[1:3]:
+        if size is None:
+            spatial.append(None)
+        elif padding == "same":
+            spatial.append(-(-size // strides))
+        else:
+            spatial.append((size - kernel_size) // strides + 1)
+    return (x_shape[0], *spatial, filters)

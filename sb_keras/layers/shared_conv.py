@@ -5,6 +5,7 @@ from keras import ops
 
 from sb_keras.api_export import sb_export
 from sb_keras.layers.common import check_positive_int
+from sb_keras.layers.common import conv_output_shape
 from sb_keras.layers.common import split_kernel_inputs
 
 
@@ -62,16 +63,9 @@ class SharedConv2D(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         x_shape, (k_shape,) = split_kernel_inputs(input_shape)
-        k = k_shape[0]
-        spatial = []
-        for size in x_shape[1:3]:
-            if size is None:
-                spatial.append(None)
-            elif self.padding == "same":
-                spatial.append(-(-size // self.strides))
-            else:
-                spatial.append((size - k) // self.strides + 1)
-        return (x_shape[0], *spatial, k_shape[-1])
+        return conv_output_shape(
+            x_shape, k_shape[0], self.strides, self.padding, k_shape[-1]
+        )
 
     def get_config(self):
         config = super().get_config()
