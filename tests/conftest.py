@@ -27,9 +27,6 @@ except RuntimeError:  # already initialized by another plugin
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
 
 
-_MIRRORED = []
-
-
 @pytest.fixture(scope="session")
 def mirrored_strategy():
     """The one MirroredStrategy over CPU:0 and CPU:1 of the test session.
@@ -38,9 +35,9 @@ def mirrored_strategy():
     of the first clash ("Shape mismatch in the collective"), so every test
     shares this one.
     """
-    if not _MIRRORED:
-        _MIRRORED.append(tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"]))
-    return _MIRRORED[0]
+    from sb_keras.training.distribute import make_strategy
+
+    return make_strategy("mirrored", devices=2)
 
 
 @pytest.fixture(autouse=True)

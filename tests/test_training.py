@@ -173,8 +173,8 @@ def _fit_tiny(strategy, weights=None, steps=3):
 
 
 @pytest.mark.slow  # ~35 s on 2 shared cores (two ResNet-14 traces)
-def test_two_logical_cpus_match_one_device():
-    mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+def test_two_logical_cpus_match_one_device(mirrored_strategy):
+    mirrored = mirrored_strategy
     assert mirrored.num_replicas_in_sync == 2
     init, single = _fit_tiny(tf.distribute.get_strategy())
     _, double = _fit_tiny(mirrored, weights=init)

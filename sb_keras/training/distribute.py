@@ -92,6 +92,27 @@ def configure_cpu_devices(n):
     return [f"/cpu:{i}" for i in range(n)]
 
 
+# One MirroredStrategy per device set and process: the CPU collectives of two
+# MirroredStrategy objects in one process share instance keys and abort with
+# "Shape mismatch in the collective" once both have run (seen with TF 2.21).
+_MIRRORED = {}
+
+
+def mirrored_strategy(device_names):
+    """The process-wide `tf.distribute.MirroredStrategy` over ``device_names``.
+
+    Creating a second MirroredStrategy over the same devices in one process
+    breaks the first one's collectives, so calling ``train`` twice (e.g. in a
+    notebook) would fail; this returns the same strategy each time.
+    """
+    import tensorflow as tf
+
+    key = tuple(name.lower() for name in device_names)
+    if key not in _MIRRORED:
+        _MIRRORED[key] = tf.distribute.MirroredStrategy(list(device_names))
+    return _MIRRORED[key]
+
+
 def make_strategy(strategy="auto", devices=None):
     """Returns the `tf.distribute.Strategy` described by ``strategy``.
 
@@ -131,12 +152,12 @@ def make_strategy(strategy="auto", devices=None):
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:
         names = [f"/gpu:{i}" for i in range(len(gpus))][: devices or len(gpus)]
-        return tf.distribute.MirroredStrategy(names)
+        return mirrored_strategy(names)
     if strategy == "auto" and devices in (None, 1):
         return tf.distribute.get_strategy()
     if devices is None:
         devices = len(tf.config.list_logical_devices("CPU"))
-    return tf.distribute.MirroredStrategy(configure_cpu_devices(devices))
+    return mirrored_strategy(configure_cpu_devices(devices))
 
 
 def _keras_version():
