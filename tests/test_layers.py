@@ -229,3 +229,81 @@ def test_mixed_bfloat16_policy():
         )
     finally:
         keras.config.set_dtype_policy("float32")
+
+
+def _two_step_reference(conv, model, x, training):
+    """conv -> Keras BN -> 1x1 -> Keras BN, on copies of the layer's weights."""
+    import tensorflow as tf
+
+    owner = model.get_layer(index=1)
+    bases = list(owner.bases) if isinstance(owner, FilterBasis) else []
+    bns = []
+    for sub in (conv.basis_bn, conv.bn):
+        bn = keras.layers.BatchNormalization(momentum=sub.momentum, epsilon=1e-5)
+        bn.build((None, None, None, sub.gamma.shape[0]))
+        bn.set_weights(sub.get_weights())
+        bns.append(bn)
+    swap = {}
+    for sub, bn in zip((conv.basis_bn, conv.bn), bns):
+        swap[id(sub.gamma)], swap[id(sub.beta)] = bn.gamma, bn.beta
+    weights = [swap.get(id(w), w) for w in conv.trainable_weights]
+    xt = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        basis = conv.basis_kernel([b for b in bases])
+        z = bns[0](tf.nn.conv2d(xt, basis, 1, "SAME"), training=training)
+        y = bns[1](tf.nn.conv2d(z, conv.coefficients, 1, "SAME"), training=training)
+        loss = tf.reduce_sum(y * tf.cos(y))  # a non-trivial upstream gradient
+    sources = [xt, *(v.value for v in [*weights, *bases])]
+    grads = tape.gradient(loss, sources, unconnected_gradients="zero")
+    return y, grads, bns
+
+
+@pytest.mark.parametrize(
+    "channels,shared,unique,num_bases,basis_index",
+    [
+        (16, 16, 1, 1, 0),  # S16U1: 17 basis channels (the moments path)
+        (8, 8, 0, 1, 0),  # SharedOnly: 8 channels (the fused path)
+        (6, 4, 2, 2, 1),  # double sharing, second position
+        (6, 0, 3, 1, 0),  # NonShared
+    ],
+)
+def test_training_mode_equals_two_step_definition(
+    channels, shared, unique, num_bases, basis_index
+):
+    """Outputs, gradients of every weight and the input, and the moving
+    statistics of the one-pass training computation equal the paper's
+    two-step definition with Keras's own BatchNormalization."""
+    import tensorflow as tf
+
+    rng = np.random.RandomState(1)
+    model, conv = _decomposed(channels, shared, unique, num_bases, basis_index)
+    _randomize_bn(conv.basis_bn, rng)
+    _randomize_bn(conv.bn, rng)
+    x = rng.normal(1.0, 2.0, size=(4, 9, 9, channels)).astype("float32")
+    owner = model.get_layer(index=1)
+    bases = list(owner.bases) if isinstance(owner, FilterBasis) else []
+
+    ref_y, ref_grads, ref_bns = _two_step_reference(conv, model, x, training=True)
+    xt = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        y = model(xt, training=True)
+        loss = tf.reduce_sum(y * tf.cos(y))
+    sources = [xt, *(v.value for v in [*conv.trainable_weights, *bases])]
+    grads = tape.gradient(loss, sources, unconnected_gradients="zero")
+
+    np.testing.assert_allclose(np.array(y), np.array(ref_y), rtol=1e-4, atol=1e-4)
+    names = ["x", *(w.path for w in conv.trainable_weights), "bases"]
+    for name, g, r in zip(names, grads, ref_grads):
+        r = np.array(r)
+        tol = 1e-4 * max(1.0, np.abs(r).max())
+        np.testing.assert_allclose(np.array(g), r, atol=tol, err_msg=name)
+    beta_b = [id(w) for w in conv.trainable_weights].index(id(conv.basis_bn.beta))
+    assert np.abs(np.array(grads[1 + beta_b])).max() == 0  # exactly, as in theory
+    for sub, ref in zip((conv.basis_bn, conv.bn), ref_bns):
+        for a, b in (
+            (sub.moving_mean, ref.moving_mean),
+            (sub.moving_variance, ref.moving_variance),
+        ):
+            np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-5)

@@ -204,13 +204,76 @@ class BasisConv2D(keras.layers.Layer):
 
     def call(self, inputs, training=None):
         x, bases = split_kernel_inputs(inputs)
-        z = self.convolution_op(x, self.basis_kernel(bases))
-        z = _batch_norm(self.basis_bn, z, training)
-        y = ops.conv(z, ops.cast(self.coefficients, self.compute_dtype))
-        y = _batch_norm(self.bn, y, training)
+        basis = self.basis_kernel(bases)
+        if self._batch_statistics(training):
+            y = self._train_forward(x, basis)
+        elif training and (self.basis_bn.trainable or self.bn.trainable):
+            # One BN frozen, the other not: the two-step definition.
+            z = _batch_norm(self.basis_bn, self.convolution_op(x, basis), training)
+            y = ops.conv(z, ops.cast(self.coefficients, self.compute_dtype))
+            y = _batch_norm(self.bn, y, training)
+        else:
+            kernel, bias = self._composed(basis)
+            y = self.convolution_op(x, kernel) + bias
         if self.orthogonality > 0 and self.unique_kernel is not None and bases:
             self.add_loss(self.penalty(bases))
         return y
+
+    def _batch_statistics(self, training):
+        return bool(training) and self.basis_bn.trainable and self.bn.trainable
+
+    def _train_forward(self, x, basis):
+        """Training mode, computed with one normalization pass instead of two.
+
+        With batch statistics, ``bn(conv1x1(basis_bn(z)))`` only depends on
+        ``z = conv(x, basis)`` through its per-channel scale: the basis BN
+        is ``z * s + t`` with ``s = gamma_b / sqrt(var_b + eps)`` and
+        ``t = beta_b - mean_b * s``, the 1x1 convolution is linear and the
+        output BN subtracts its own batch mean, so the shift ``t @ A``
+        cancels. The layer therefore computes the batch moments of ``z``,
+        convolves ``z`` with ``diag(s) @ A`` and applies the output BN: the
+        same output and gradients as the two-step definition (tested
+        against it), without writing and re-reading the normalized ``z``.
+        This and an aligned fused BN on the output are what make a shared
+        ResNet train at close to the speed of a plain one on CPU
+        (``bench/profile_block.py``).
+
+        ``beta_b`` gets its exact gradient, zero (the output BN cancels it),
+        so coupled weight decay treats it as PyTorch does. The moving
+        statistics are those of the two-step definition: the basis BN's
+        from the moments of ``z``, the output BN's mean from the exact mean
+        of ``(z * s + t) @ A``, which is ``beta_b @ A``.
+        """
+        f32 = "float32"
+        z = self.convolution_op(x, basis)
+        mean, variance = ops.moments(ops.cast(z, f32), axes=[0, 1, 2])
+        gamma_b = ops.cast(self.basis_bn.gamma, f32)
+        beta_b = ops.cast(self.basis_bn.beta, f32)
+        scale = gamma_b * ops.rsqrt(variance + self.basis_bn.epsilon)
+        coeff = ops.cast(self.coefficients, f32)
+        mixed = coeff * scale[None, None, :, None]
+        y = ops.conv(z, ops.cast(mixed, self.compute_dtype))
+        # beta_b enters the output with weight zero: its exact gradient.
+        offset = ops.cast(self.bn.beta, f32) + 0.0 * ops.sum(beta_b)
+        out, mean_y, variance_y = _fused_training_bn(self.bn, y, offset)
+        _update_moving(self.basis_bn, mean, variance)
+        _update_moving(self.bn, ops.matmul(beta_b, coeff[0, 0]), variance_y)
+        del mean_y  # equals (mean * scale) @ A, not the two-step mean
+        return ops.cast(out, self.compute_dtype)
+
+    def _composed(self, basis):
+        """Inference-mode kernel and bias as tensors (graph-friendly `fold`)."""
+        f32 = "float32"
+        s_b, t_b = _bn_affine_tensors(self.basis_bn)
+        s, t = _bn_affine_tensors(self.bn)
+        coeff = ops.cast(self.coefficients, f32)[0, 0]
+        mix = (s_b[:, None] * coeff) * s[None, :]
+        kernel = ops.tensordot(ops.cast(basis, f32), mix, axes=([3], [0]))
+        bias = ops.matmul(t_b, coeff) * s + t
+        return (
+            ops.cast(kernel, self.compute_dtype),
+            ops.cast(bias, self.compute_dtype),
+        )
 
     def penalty(self, bases):
         """This layer's unique-row term of the CIFAR-10 penalty."""
@@ -272,49 +335,68 @@ class BasisConv2D(keras.layers.Layer):
 
 
 def _batch_norm(bn, x, training):
-    """``bn(x, training)`` through one fused kernel on TensorFlow.
+    """``bn(x, training)``, with a fused kernel on TensorFlow when it pays.
 
-    The decomposed convolution has two BatchNorms per convolution, and
-    Keras's BatchNormalization computes moments and normalization as
-    separate element-wise ops (several passes over the activations,
-    forward and backward). On CPU that made the BNs the largest cost of a
-    shared ResNet. ``tf.nn.fused_batch_norm`` does the same computation in
-    one pass; the BN sub-layer keeps its variables, names, semantics
-    (biased batch variance in the moving average, momentum and epsilon)
-    and its moving-statistics update. Other backends, masks or frozen
-    layers use the Keras layer itself.
+    Used when only one of the two BNs is frozen; the usual training path is
+    `BasisConv2D._train_forward`, inference uses the composed kernel.
     """
     if keras.backend.backend() != "tensorflow" or len(x.shape) != 4:
         return bn(x, training=training)
-    import tensorflow as tf
+    if training and bn.trainable:
+        y, mean, variance = _fused_training_bn(bn, x, ops.cast(bn.beta, "float32"))
+        _update_moving(bn, mean, variance)
+        return ops.cast(y, bn.compute_dtype)
+    scale, shift = _bn_affine_tensors(bn)
+    return ops.cast(ops.cast(x, "float32") * scale + shift, bn.compute_dtype)
 
-    # In float32 even under mixed precision (as Keras's BN computes): the
-    # fused kernel is ~2x slower on bfloat16 inputs on CPU.
+
+def _fused_training_bn(bn, x, offset):
+    """Batch-statistics BN of ``x`` in float32: ``(y, mean, biased variance)``.
+
+    Keras's BatchNormalization computes moments and normalization as
+    separate element-wise ops (several passes over the activations, forward
+    and backward); ``tf.nn.fused_batch_norm`` does it in one pass and is
+    2-3x faster on CPU, but only when the channel count is a multiple of 4
+    (17 channels: 10x slower than 16, measured by
+    ``bench/profile_block.py``). Other channel counts and backends take the
+    moments path. In float32 even under mixed precision, as Keras's BN.
+    """
     x = ops.cast(x, "float32")
     gamma = ops.cast(bn.gamma, "float32")
-    beta = ops.cast(bn.beta, "float32")
-    if training and bn.trainable:
+    channels = x.shape[-1]
+    if keras.backend.backend() == "tensorflow" and channels and channels % 4 == 0:
+        import tensorflow as tf
+
         y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
-            x, gamma, beta, epsilon=bn.epsilon, is_training=True
+            x, gamma, offset, epsilon=bn.epsilon, is_training=True
         )[:3]
-        # The fused op returns the unbiased variance; Keras (and the rest of
-        # this library) average the biased one.
+        # The fused op returns the unbiased variance; Keras averages the
+        # biased one.
         n = ops.cast(ops.prod(ops.shape(x)[:3]), "float32")
         variance = variance * (n - 1.0) / ops.maximum(n, 1.0)
-        m = bn.momentum
-        bn.moving_mean.assign(bn.moving_mean * m + mean * (1.0 - m))
-        bn.moving_variance.assign(bn.moving_variance * m + variance * (1.0 - m))
-    else:
-        y = tf.compat.v1.nn.fused_batch_norm(
-            x,
-            gamma,
-            beta,
-            mean=ops.cast(bn.moving_mean, "float32"),
-            variance=ops.cast(bn.moving_variance, "float32"),
-            epsilon=bn.epsilon,
-            is_training=False,
-        )[0]
-    return ops.cast(y, bn.compute_dtype)
+        return y, mean, variance
+    mean, variance = ops.moments(x, axes=[0, 1, 2])
+    scale = gamma * ops.rsqrt(variance + bn.epsilon)
+    return x * scale + (offset - mean * scale), mean, variance
+
+
+def _update_moving(bn, mean, variance):
+    """Keras's moving-average update of a BN sub-layer's statistics."""
+    m = bn.momentum
+    mean = ops.stop_gradient(ops.cast(mean, bn.moving_mean.dtype))
+    variance = ops.stop_gradient(ops.cast(variance, bn.moving_variance.dtype))
+    bn.moving_mean.assign(bn.moving_mean * m + mean * (1.0 - m))
+    bn.moving_variance.assign(bn.moving_variance * m + variance * (1.0 - m))
+
+
+def _bn_affine_tensors(bn):
+    """Inference-mode BN as float32 tensors ``(scale, shift)``."""
+    gamma = ops.cast(bn.gamma, "float32")
+    beta = ops.cast(bn.beta, "float32")
+    mean = ops.cast(bn.moving_mean, "float32")
+    variance = ops.cast(bn.moving_variance, "float32")
+    scale = gamma * ops.rsqrt(variance + bn.epsilon)
+    return scale, beta - mean * scale
 
 
 def _bn_affine(bn):
