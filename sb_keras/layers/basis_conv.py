@@ -246,7 +246,7 @@ class BasisConv2D(keras.layers.Layer):
         """
         f32 = "float32"
         z = self.convolution_op(x, basis)
-        mean, variance = ops.moments(ops.cast(z, f32), axes=[0, 1, 2])
+        mean, variance = _moments(ops.cast(z, f32))
         gamma_b = ops.cast(self.basis_bn.gamma, f32)
         beta_b = ops.cast(self.basis_bn.beta, f32)
         scale = gamma_b * ops.rsqrt(variance + self.basis_bn.epsilon)
@@ -378,6 +378,36 @@ def _fused_training_bn(bn, x, offset):
     mean, variance = ops.moments(x, axes=[0, 1, 2])
     scale = gamma * ops.rsqrt(variance + bn.epsilon)
     return x * scale + (offset - mean * scale), mean, variance
+
+
+def _moments(z):
+    """Per-channel batch mean and biased variance of an NHWC tensor.
+
+    Only the variance is differentiated (the training computation does not
+    use the mean but for the moving statistics). On TensorFlow its gradient
+    ``2 (z - mean) / n * upstream`` is written by hand: autodiff of
+    ``tf.nn.moments`` makes three extra passes over ``z`` (broadcasts and
+    the squared difference's gradient), one pass is enough.
+    """
+    if keras.backend.backend() != "tensorflow":
+        mean, variance = ops.moments(z, axes=[0, 1, 2])
+        return ops.stop_gradient(mean), variance
+    import tensorflow as tf
+
+    mean = tf.reduce_mean(z, axis=[0, 1, 2])
+
+    @tf.custom_gradient
+    def variance(z):
+        centered = z - tf.stop_gradient(mean)
+        value = tf.reduce_mean(tf.square(centered), axis=[0, 1, 2])
+
+        def grad(upstream):
+            n = tf.cast(tf.reduce_prod(tf.shape(z)[:3]), z.dtype)
+            return centered * (2.0 * upstream / n)
+
+        return value, grad
+
+    return tf.stop_gradient(mean), variance(z)
 
 
 def _update_moving(bn, mean, variance):
