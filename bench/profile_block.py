@@ -1,26 +1,40 @@
-"""Where a shared ResNet's training time goes: one stage-1 conv, timed by part.
+"""Where a shared ResNet's training time goes, and what the layer does about it.
 
-Times forward + backward (``tf.function``, batch 128, 32x32x16 input) of:
+Three tables, each timed forward + backward in interleaved rounds (median):
 
-* ``plain``: 3x3 conv 16->16 + Keras BatchNormalization (the plain ResNet);
-* ``plain_fused``: the same with ``tf.nn.fused_batch_norm``;
-* ``decomposed``: 3x3 conv 16->17 (1 unique + 16 shared filters) + BN +
-  1x1 conv 17->16 + BN, with Keras BNs (BasisConv2D before the fix);
-* ``decomposed_fused``: the same with fused BNs (BasisConv2D now);
-* ``decomposed_matmul``: fused BNs and the 1x1 conv as a matmul.
+1. **BatchNorm kernels** at the channel counts of a CIFAR ResNet56-S16U1
+   (16/32/64 filters, 17/33/65 basis channels): Keras's BatchNormalization
+   (moments and normalization as separate element-wise ops) against
+   ``tf.nn.fused_batch_norm``. The fused kernel is 2-3x faster on aligned
+   channel counts and several times *slower* on odd ones (17, 33, 65).
+2. **One decomposed convolution** (batch 128, the shapes of stage 1 and
+   stage 3) against the plain conv it replaces:
 
-Interleaved rounds, median. The lesson on a 2-core CPU: Keras's
-BatchNormalization (moments and normalization as separate element-wise ops,
-forward and backward) costs as much as the convolution, and the decomposed
-convolution has two of them; one fused kernel per BN halves that.
+   * ``plain``: Conv2D + Keras BatchNormalization (the plain ResNet);
+   * ``two_step``: the paper's definition, basis conv -> Keras BN -> 1x1
+     coefficients -> Keras BN;
+   * ``two_step_fused``: the same with fused BNs (the layer of the first
+     release);
+   * ``BasisConv2D``: the layer as it is now (one normalization pass in
+     training: the basis BN's scale folded into the coefficients, a
+     hand-written variance gradient, a fused BN on the aligned output).
+3. With ``--trace``, the TensorFlow profiler's self time per op type over a
+   full ``train_on_batch`` of ResNet-56 plain and S16U1 (summed over
+   threads, so larger than the wall time).
 
 Usage::
 
-    PYTHONPATH=. python bench/profile_block.py --rounds 8
+    PYTHONPATH=. python bench/profile_block.py --rounds 7 [--trace]
+
+Reference: Kang & Kim, *Learning Deeply Shared Filter Bases for Efficient
+ConvNets* (arXiv 2006.05066).
 """
 
 import argparse
+import glob
+import json
 import os
+import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -29,75 +43,168 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+import sb_keras  # noqa: E402
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=128)
-    args = p.parse_args(argv)
 
-    b, c, r = args.batch_size, 16, 17
-    x = tf.random.normal((b, 32, 32, c))
-    k3 = tf.Variable(tf.random.normal((3, 3, c, c)) * 0.1)
+def _timed(fns, rounds):
+    for f in fns.values():
+        f()
+        f()
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return {k: 1000 * float(np.median(v)) for k, v in times.items()}
+
+
+def _grad_fn(forward, x, variables):
+    @tf.function
+    def run(z):
+        with tf.GradientTape() as tape:
+            tape.watch(z)
+            y = forward(z)
+            loss = tf.reduce_sum(y * y)
+        return tape.gradient(loss, [z, *variables], unconnected_gradients="zero")
+
+    return lambda: [g.numpy() for g in run(x)]
+
+
+def _bn(channels):
+    bn = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5)
+    bn.build((None, None, None, channels))
+    return bn
+
+
+def bn_table(batch, rounds):
+    fns = {}
+    for hw, c in ((32, 16), (32, 17), (16, 32), (16, 33), (8, 64), (8, 65)):
+        x = tf.random.normal((batch, hw, hw, c))
+        bn = _bn(c)
+        fns[(hw, c, "keras")] = _grad_fn(
+            lambda z, bn=bn: bn(z, training=True), x, [bn.gamma.value]
+        )
+        fns[(hw, c, "fused")] = _grad_fn(
+            lambda z, bn=bn: tf.compat.v1.nn.fused_batch_norm(
+                z, bn.gamma, bn.beta, epsilon=1e-5, is_training=True
+            )[0],
+            x,
+            [bn.gamma.value],
+        )
+    t = _timed(fns, rounds)
+    print("\n1. BatchNorm forward+backward, batch", batch)
+    print("| activations | Keras BN (ms) | fused (ms) | fused vs Keras |")
+    print("|---|---:|---:|---:|")
+    for hw, c, kind in fns:
+        if kind == "keras":
+            k, f = t[(hw, c, "keras")], t[(hw, c, "fused")]
+            print(f"| {hw}x{hw}x{c} | {k:.1f} | {f:.1f} | {k / f:.2f}x faster |")
+
+
+def _conv_variants(batch, hw, c):
+    r = c + 1  # S16U1-style: c shared + 1 unique basis filters
+    x = tf.random.normal((batch, hw, hw, c))
+    inp = keras.Input((hw, hw, c))
+    basis = sb_keras.layers.FilterBasis(rank=c, in_channels=c)(inp)
+    layer = sb_keras.layers.BasisConv2D(c, unique_rank=1)
+    model = keras.Model(inp, layer([inp, basis]))
     kb = tf.Variable(tf.random.normal((3, 3, c, r)) * 0.1)
-    k1 = tf.Variable(tf.random.normal((1, 1, r, c)) * 0.1)
-    bn_c, bn_r = (
-        keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5) for _ in "cr"
-    )
-    bn_c.build((None, 32, 32, c))
-    bn_r.build((None, 32, 32, r))
+    k3 = tf.Variable(tf.random.normal((3, 3, c, c)) * 0.1)
+    a = tf.Variable(tf.random.normal((1, 1, r, c)) * 0.1)
+    bn_c, bn_r = _bn(c), _bn(r)
+
+    def conv(z, k):
+        return tf.nn.conv2d(z, k, 1, "SAME")
 
     def fused(bn, z):
         return tf.compat.v1.nn.fused_batch_norm(
             z, bn.gamma, bn.beta, epsilon=1e-5, is_training=True
         )[0]
 
-    def keras_bn(bn, z):
-        return bn(z, training=True)
-
-    def conv(z, k):
-        return tf.nn.conv2d(z, k, 1, "SAME")
-
-    def matmul_1x1(z, k):
-        flat = tf.reshape(z, (-1, k.shape[2])) @ tf.reshape(k, k.shape[2:])
-        return tf.reshape(flat, (*z.shape[:3], k.shape[3]))
-
     variants = {
-        "plain": lambda z: keras_bn(bn_c, conv(z, k3)),
-        "plain_fused": lambda z: fused(bn_c, conv(z, k3)),
-        "decomposed": lambda z: keras_bn(bn_c, conv(keras_bn(bn_r, conv(z, kb)), k1)),
-        "decomposed_fused": lambda z: fused(bn_c, conv(fused(bn_r, conv(z, kb)), k1)),
-        "decomposed_matmul": lambda z: fused(
-            bn_c, matmul_1x1(fused(bn_r, conv(z, kb)), k1)
+        "plain": (lambda z: bn_c(conv(z, k3), training=True), [k3]),
+        "two_step": (
+            lambda z: bn_c(conv(bn_r(conv(z, kb), training=True), a), training=True),
+            [kb, a],
+        ),
+        "two_step_fused": (
+            lambda z: fused(bn_c, conv(fused(bn_r, conv(z, kb)), a)),
+            [kb, a],
+        ),
+        "BasisConv2D": (
+            lambda z: model(z, training=True),
+            [w.value for w in model.trainable_weights],
         ),
     }
+    return {name: _grad_fn(f, x, v) for name, (f, v) in variants.items()}
 
-    def step(f):
-        @tf.function
-        def run(z):
-            with tf.GradientTape() as tape:
-                tape.watch(z)
-                y = f(z)
-                loss = tf.reduce_sum(y * y)
-            return tape.gradient(loss, [z, k3, kb, k1], unconnected_gradients="zero")
 
-        return run
+def conv_table(batch, rounds):
+    rows = {}
+    for hw, c in ((32, 16), (8, 64)):
+        for name, fn in _conv_variants(batch, hw, c).items():
+            rows[(hw, c, name)] = fn
+    t = _timed(rows, rounds)
+    print("\n2. One 3x3 convolution, forward+backward, batch", batch)
+    print("| shape | variant | ms | speed vs plain |")
+    print("|---|---|---:|---:|")
+    for hw, c, name in rows:
+        base = t[(hw, c, "plain")]
+        ms = t[(hw, c, name)]
+        print(f"| {hw}x{hw}x{c} | {name} | {ms:.1f} | {base / ms:.2f}x |")
 
-    fns = {k: step(f) for k, f in variants.items()}
-    for f in fns.values():
-        f(x)
-        f(x)
-    times = {k: [] for k in fns}
-    for _ in range(args.rounds):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            [g.numpy() for g in f(x)]
-            times[k].append(time.perf_counter() - t0)
-    base = np.median(times["plain"])
-    print("| variant | forward+backward (ms) | vs plain |")
-    print("|---|---:|---:|")
-    for k, v in times.items():
-        print(f"| {k} | {1000 * np.median(v):.1f} | {np.median(v) / base:.2f}x |")
+
+def trace_table(batch, steps=3, top=12):
+    from tensorflow.python.profiler.internal import _pywrap_profiler_plugin as pp
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (batch, 32, 32, 3)).astype("float32")
+    y = rng.integers(0, 10, batch)
+    print(f"\n3. Profiler self time per op type, train_on_batch, batch {batch}")
+    for name in ("resnet56", "resnet56_s16u1"):
+        model = sb_keras.get_model(name)
+        model.compile(
+            keras.optimizers.SGD(0.1, momentum=0.9),
+            keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            jit_compile=False,
+        )
+        model.train_on_batch(x, y)
+        model.train_on_batch(x, y)
+        with tempfile.TemporaryDirectory() as logdir:
+            tf.profiler.experimental.start(logdir)
+            for _ in range(steps):
+                model.train_on_batch(x, y)
+            tf.profiler.experimental.stop()
+            paths = glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)
+            data, _ = pp.xspace_to_tools_data(paths, "framework_op_stats", {})
+        table = json.loads(data)
+        table = table[0] if isinstance(table, list) else table
+        cols = {c["id"]: i for i, c in enumerate(table["cols"])}
+        per_type = {}
+        for row in table["rows"]:
+            cells = [c.get("v") for c in row["c"]]
+            op = cells[cols["type"]]
+            per_type[op] = per_type.get(op, 0.0) + cells[cols["total_self_time"]]
+        per_type.pop("IDLE", None)
+        total = sum(per_type.values())
+        print(f"\n{name}: {total / steps / 1000:.0f} ms of op time per step")
+        print("| op type | ms/step | share |")
+        print("|---|---:|---:|")
+        for op, us in sorted(per_type.items(), key=lambda kv: -kv[1])[:top]:
+            print(f"| {op} | {us / steps / 1000:.0f} | {100 * us / total:.0f} % |")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--trace", action="store_true", help="profile full train steps")
+    args = p.parse_args(argv)
+    bn_table(args.batch_size, args.rounds)
+    conv_table(args.batch_size, args.rounds)
+    if args.trace:
+        trace_table(args.batch_size)
 
 
 if __name__ == "__main__":
