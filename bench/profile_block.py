@@ -94,12 +94,12 @@ def bn_table(batch, rounds):
         )
     t = _timed(fns, rounds)
     print("\n1. BatchNorm forward+backward, batch", batch)
-    print("| activations | Keras BN (ms) | fused (ms) | fused vs Keras |")
+    print("| activations | Keras BN (ms) | fused (ms) | fused speed-up |")
     print("|---|---:|---:|---:|")
     for hw, c, kind in fns:
         if kind == "keras":
             k, f = t[(hw, c, "keras")], t[(hw, c, "fused")]
-            print(f"| {hw}x{hw}x{c} | {k:.1f} | {f:.1f} | {k / f:.2f}x faster |")
+            print(f"| {hw}x{hw}x{c} | {k:.1f} | {f:.1f} | {k / f:.2f}x |")
 
 
 def _conv_variants(batch, hw, c):
