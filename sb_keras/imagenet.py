@@ -224,9 +224,12 @@ def train_dataset(
         min(shuffle_buffer, n), seed=first_seed, reshuffle_each_iteration=True
     )
 
+    # The pipeline functions are plain TF ops: AutoGraph would only cost time.
+    @tf.autograph.experimental.do_not_convert
     def one_epoch(epoch):
         s = data.epoch_seed(seed, epoch)
 
+        @tf.autograph.experimental.do_not_convert
         def load(i, example):
             image = train_transform(example[0], tf.stack([s, i]), image_size)
             return image, tf.cast(example[1], tf.int64)
@@ -268,6 +271,7 @@ def eval_dataset(batch_size, data_dir=None, limit=None, image_size=IMAGE_SIZE):
     if limit:
         ds, n = ds.take(limit), min(n, limit)
 
+    @tf.autograph.experimental.do_not_convert
     def load(image_bytes, label):
         image = tf.io.decode_jpeg(image_bytes, channels=3)
         return eval_transform(image, image_size), tf.cast(label, tf.int64)

@@ -156,10 +156,10 @@ def test_train_transform_is_a_resized_window_maybe_flipped():
     assert flips == {True, False}
 
 
-@pytest.mark.parametrize("shape", [(256, 300, 3), (333, 256, 3)])
+@pytest.mark.parametrize("shape", [(256, 300, 3), (335, 256, 3)])
 def test_eval_on_a_256_short_side_is_the_numpy_center_crop(shape):
     image = np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8)
-    top = round((shape[0] - 224) / 2)  # half to even, as torchvision
+    top = round((shape[0] - 224) / 2)  # half to even (55.5 -> 56), as torchvision
     left = round((shape[1] - 224) / 2)
     expected = image[top : top + 224, left : left + 224].astype(np.float32)
     out = imagenet.eval_transform(image).numpy()
@@ -170,6 +170,7 @@ def test_eval_on_a_256_short_side_is_the_numpy_center_crop(shape):
     "shape, image_size, resized, offsets",
     [
         ((300, 400, 3), 224, (256, 341), (16, 58)),  # 58.5 rounds to even
+        ((512, 686, 3), 224, (256, 343), (16, 60)),  # 59.5 too
         ((500, 375, 3), 224, (341, 256), (58, 16)),
         ((90, 120, 3), 64, (73, 97), (4, 16)),  # 73 = 64 * 8 // 7
     ],
@@ -225,3 +226,13 @@ def test_image_size_is_for_imagenet_only(tmp_path):
     with pytest.raises(ValueError, match="image_size=64, dataset='cifar10'"):
         train(dataset="cifar10", image_size=64, output=str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_imagenet_needs_a_tfds_copy(tmp_path, monkeypatch):
+    monkeypatch.delenv(data.ENV_VAR, raising=False)
+    monkeypatch.setattr(data, "_tfds_prepared", lambda name, data_dir: False)
+    with pytest.raises(data.DataNotFoundError, match="Prepare imagenet2012"):
+        imagenet.load_streams(2, str(tmp_path))
+    np.savez(tmp_path / "train.npz", x=np.zeros((2, 8, 8, 3), "uint8"), y=[0, 1])
+    with pytest.raises(ValueError, match="not read from .npz files"):
+        imagenet.load_streams(2, str(tmp_path))
