@@ -233,7 +233,7 @@ def _cmd_train(args):
 _TRAIN_FIELDS = (
     "model dataset epochs batch_size lr momentum schedule weight_decay "
     "orthogonality precision strategy devices seed data_dir output limit "
-    "test_limit deterministic verbose tensorboard"
+    "test_limit image_size deterministic verbose tensorboard"
 ).split()
 
 
@@ -271,10 +271,18 @@ def _add_train(sub):
         "--devices", type=int, default=None, help="logical CPU devices or GPUs"
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data-dir", default=None, help="folder with train/test .npz")
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder with train/test .npz, or a tensorflow-datasets data dir "
+        "(ImageNet: imagenet2012 prepared there, streamed)",
+    )
     p.add_argument("--output", default="runs/train", help="folder of the run")
     p.add_argument("--limit", type=int, default=None, help="first N train images")
     p.add_argument("--test-limit", type=int, default=None, help="first N test images")
+    p.add_argument(
+        "--image-size", type=int, default=None, help="ImageNet crop side (224)"
+    )
     p.add_argument("--deterministic", action="store_true", help="deterministic ops")
     p.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2])
     p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false")

@@ -21,6 +21,9 @@ padding, a random 32x32 crop and a random horizontal flip.
 epoch's shuffle and augmentation are stateless functions of ``(seed,
 epoch)``, so a run resumed at epoch ``e`` sees the batches an uninterrupted
 run sees there.
+
+ImageNet does not fit in memory: `sb_keras.imagenet` streams it from the
+tensorflow-datasets copy found here, with the ImageNet augmentation.
 """
 
 import os
@@ -123,11 +126,22 @@ def find_source(dataset, split="train", data_dir=None):
     tried.append(
         "tensorflow-datasets (not prepared, and its download host is not reachable)"
     )
+    if dataset == "imagenet":
+        hint = (
+            f"Prepare {info['tfds']} with tensorflow-datasets (it needs the "
+            "manually downloaded ILSVRC-2012 archives) and pass its data "
+            f"directory as --data-dir or set {ENV_VAR}."
+        )
+    else:
+        hint = (
+            f"Pass --data-dir (a folder with {split}.npz holding x and y) or "
+            f"set {ENV_VAR}."
+        )
     raise DataNotFoundError(
         f"Could not find the {dataset} {split} split. Looked in: "
         + "; ".join(tried)
-        + f". Pass --data-dir (a folder with {split}.npz holding x and y) or "
-        f"set {ENV_VAR}."
+        + ". "
+        + hint
     )
 
 
@@ -152,6 +166,9 @@ def _reachable(host, port=443, timeout=3.0):
 
 def load_arrays(dataset="cifar10", split="train", data_dir=None, limit=None):
     """The whole split as NumPy arrays ``(x uint8 [N,H,W,3], y int64 [N])``.
+
+    For datasets that fit in memory (CIFAR); stream ImageNet with
+    `sb_keras.imagenet.load_streams`.
 
     Example:
 

@@ -33,7 +33,10 @@ class TrainConfig:
         data_dir: folder with the data (see `sb_keras.data`).
         output: folder of the run (checkpoints, logs, model, metrics).
         limit: use only the first ``limit`` training images.
-        test_limit: use only the first ``test_limit`` test images.
+        test_limit: use only ``test_limit`` test images (CIFAR: evenly
+            spaced; ImageNet: the first of the validation stream).
+        image_size: ImageNet only: the side of the training and
+            validation crops (default 224; smaller for quick runs).
         deterministic: deterministic TensorFlow ops (bitwise-reproducible
             runs and resumptions; can be slower).
         verbose: Keras progress bar (1), one line per epoch (2) or none (0).
@@ -59,6 +62,7 @@ class TrainConfig:
     output: str = "runs/train"
     limit: int | None = None
     test_limit: int | None = None
+    image_size: int | None = None
     deterministic: bool = False
     verbose: int = 1
     tensorboard: bool = True
@@ -76,7 +80,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size"):
             _check_int(name, getattr(self, name), 1)
         _check_int("seed", self.seed, 0)
-        for name in ("limit", "test_limit", "devices"):
+        for name in ("limit", "test_limit", "devices", "image_size"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), 1)
         for name in ("lr", "momentum", "weight_decay", "orthogonality"):
@@ -99,6 +103,12 @@ class TrainConfig:
             raise ValueError(
                 f"`strategy` must be one of {distribute.STRATEGIES}. "
                 f"Received: strategy={self.strategy!r}"
+            )
+        if self.image_size is not None and self.dataset != "imagenet":
+            raise ValueError(
+                "`image_size` applies to dataset='imagenet' only. "
+                f"Received: image_size={self.image_size!r}, "
+                f"dataset={self.dataset!r}"
             )
         recipe.parse_schedule(self.schedule, self.epochs)
         if not isinstance(self.model_args, dict):
@@ -173,7 +183,11 @@ def train(config=None, callbacks=(), **overrides):
     checkpoints, `BackupAndRestore`, `NaNGuard`); evaluate on the test
     split; save ``model.keras`` and ``metrics.json`` in ``config.output``.
     Running the same call again after a crash resumes from the last
-    finished epoch, with exactly the data the uninterrupted run would see.
+    finished epoch, with exactly the data the uninterrupted run would see
+    (CIFAR, in memory). ImageNet is streamed from tensorflow-datasets
+    (`sb_keras.imagenet.load_streams`): a resumed run starts at the right
+    epoch with that epoch's shuffle and crop seeds, but the streamed files
+    are not replayed batch for batch.
 
     Args:
         config: a `TrainConfig` (or None for the defaults).
@@ -189,6 +203,10 @@ def train(config=None, callbacks=(), **overrides):
     >>> metrics = train(model="resnet20_s16u1_double", data_dir="cifar10/",
     ...                 epochs=2, limit=2000, output="runs/demo")
     ... # doctest: +SKIP
+    >>> metrics = train(model="resnet34_s32u1_double_imagenet",
+    ...                 dataset="imagenet", data_dir="tensorflow_datasets/",
+    ...                 epochs=90, weight_decay=1e-4, schedule="step:30,60",
+    ...                 output="runs/r34")  # doctest: +SKIP
 
     Reference: Kang & Kim, *Learning Deeply Shared Filter Bases for Efficient
     ConvNets* (arXiv 2006.05066), §3.5 of the method notes (the recipe).
@@ -208,7 +226,6 @@ def train(config=None, callbacks=(), **overrides):
     data.find_source(config.dataset, "test", config.data_dir)
 
     import keras
-    import numpy as np
     import tensorflow as tf
 
     strategy = distribute.make_strategy(config.strategy, config.devices)
@@ -218,45 +235,30 @@ def train(config=None, callbacks=(), **overrides):
             f"`batch_size` (the global batch) must be divisible by the "
             f"{replicas} replicas. Received: batch_size={config.batch_size}"
         )
-    x_train, y_train = data.load_arrays(
-        config.dataset, "train", config.data_dir, config.limit
-    )
-    x_test, y_test = data.load_arrays(config.dataset, "test", config.data_dir)
-    if config.test_limit and config.test_limit < len(x_test):
-        # Evenly spaced, not the first N: a test split may be sorted by class.
-        keep = np.linspace(0, len(x_test) - 1, config.test_limit).astype(int)
-        x_test, y_test = x_test[keep], y_test[keep]
-    if len(x_train) < config.batch_size:
-        raise ValueError(
-            f"`batch_size` is larger than the {len(x_train)} training images. "
-            f"Received: batch_size={config.batch_size}"
-        )
-    keras.utils.set_random_seed(config.seed)
+    keras.utils.set_random_seed(config.seed)  # before the input pipelines
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
-
     chief = distribute.is_chief()
     output = config.output
     if not chief:
         output = os.path.join(output, distribute.task_id())
-    os.makedirs(output, exist_ok=True)
-    steps = len(x_train) // config.batch_size
-    with strategy.scope():
-        model = build_model(config, info["classes"], tuple(x_train.shape[1:]))
-        compile_model(model, config, steps)
 
     from sb_keras.training import recipe
 
     initial_epoch = recipe.resume_epoch(output)
-    train_ds = data.make_train_dataset(
-        x_train,
-        y_train,
-        config.batch_size,
-        seed=config.seed,
-        epochs=config.epochs,
-        initial_epoch=initial_epoch,
-    )
-    test_ds = data.make_dataset(x_test, y_test, config.batch_size, deterministic=True)
+    if config.dataset == "imagenet":
+        train_ds, test_ds, steps, n_train, n_test, input_shape = _imagenet_input(
+            config, initial_epoch
+        )
+    else:
+        train_ds, test_ds, steps, n_train, n_test, input_shape = _array_input(
+            config, initial_epoch
+        )
+    os.makedirs(output, exist_ok=True)
+    with strategy.scope():
+        model = build_model(config, info["classes"], input_shape)
+        compile_model(model, config, steps)
+
     cbs = recipe.make_callbacks(
         output, strategy=strategy, tensorboard=config.tensorboard, extra=callbacks
     )
@@ -267,7 +269,7 @@ def train(config=None, callbacks=(), **overrides):
             epochs=config.epochs,
             steps_per_epoch=steps,
             validation_data=test_ds,
-            shuffle=False,  # each epoch is shuffled by make_train_dataset
+            shuffle=False,  # each epoch is shuffled by the input pipeline
             callbacks=cbs,
             verbose=config.verbose,
         )
@@ -279,8 +281,8 @@ def train(config=None, callbacks=(), **overrides):
         "dataset": config.dataset,
         "test_accuracy": float(results["accuracy"]),
         "test_loss": float(results["loss"]),
-        "test_images": int(len(x_test)),
-        "train_images": int(len(x_train)),
+        "test_images": int(n_test),
+        "train_images": int(n_train),
         "epochs": config.epochs,
         "resumed_at_epoch": initial_epoch,
         "replicas": replicas,
@@ -295,3 +297,59 @@ def train(config=None, callbacks=(), **overrides):
     with open(os.path.join(output, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     return metrics
+
+
+def _array_input(config, initial_epoch):
+    """CIFAR: the splits in memory, each epoch a function of (seed, epoch)."""
+    import numpy as np
+
+    from sb_keras import data
+
+    x_train, y_train = data.load_arrays(
+        config.dataset, "train", config.data_dir, config.limit
+    )
+    x_test, y_test = data.load_arrays(config.dataset, "test", config.data_dir)
+    if config.test_limit and config.test_limit < len(x_test):
+        # Evenly spaced, not the first N: a test split may be sorted by class.
+        keep = np.linspace(0, len(x_test) - 1, config.test_limit).astype(int)
+        x_test, y_test = x_test[keep], y_test[keep]
+    if len(x_train) < config.batch_size:
+        raise ValueError(
+            f"`batch_size` is larger than the {len(x_train)} training images. "
+            f"Received: batch_size={config.batch_size}"
+        )
+    train_ds = data.make_train_dataset(
+        x_train,
+        y_train,
+        config.batch_size,
+        seed=config.seed,
+        epochs=config.epochs,
+        initial_epoch=initial_epoch,
+    )
+    test_ds = data.make_dataset(x_test, y_test, config.batch_size, deterministic=True)
+    steps = len(x_train) // config.batch_size
+    return train_ds, test_ds, steps, len(x_train), len(x_test), x_train.shape[1:]
+
+
+def _imagenet_input(config, initial_epoch):
+    """ImageNet: streamed from tfds (`sb_keras.imagenet.load_streams`).
+
+    A resumed run starts at ``initial_epoch`` with that epoch's shuffle and
+    crop seeds; the file order of a streamed source is not replayed batch
+    for batch (see `load_streams`).
+    """
+    from sb_keras import imagenet
+
+    size = config.image_size or imagenet.IMAGE_SIZE
+    streams = imagenet.load_streams(
+        config.batch_size,
+        config.data_dir,
+        seed=config.seed,
+        epochs=config.epochs,
+        initial_epoch=initial_epoch,
+        limit=config.limit,
+        test_limit=config.test_limit,
+        image_size=size,
+        deterministic=config.deterministic,
+    )
+    return (*streams, (size, size, 3))
