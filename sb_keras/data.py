@@ -175,6 +175,12 @@ def load_arrays(dataset="cifar10", split="train", data_dir=None, limit=None):
     >>> x, y = load_arrays("cifar10", "test", data_dir="path/to/cifar10")
     ... # doctest: +SKIP
     """
+    if dataset == "imagenet":
+        raise ValueError(
+            "ImageNet does not fit in memory as one array; stream it with "
+            "`sb_keras.imagenet.load_streams` (what `sb-keras train --dataset "
+            "imagenet` uses). Received: dataset='imagenet'"
+        )
     kind, where = find_source(dataset, split, data_dir)
     if kind == "npz":
         x, y = _read_npz(where)

@@ -236,3 +236,8 @@ def test_imagenet_needs_a_tfds_copy(tmp_path, monkeypatch):
     np.savez(tmp_path / "train.npz", x=np.zeros((2, 8, 8, 3), "uint8"), y=[0, 1])
     with pytest.raises(ValueError, match="not read from .npz files"):
         imagenet.load_streams(2, str(tmp_path))
+
+
+def test_load_arrays_refuses_imagenet_with_the_streaming_hint():
+    with pytest.raises(ValueError, match="load_streams.*Received: dataset='imagenet'"):
+        data.load_arrays("imagenet", "test")
