@@ -305,6 +305,8 @@ def _cmd_export(args):
         calibration_count=args.calibration_count,
         per_channel=not args.per_tensor,
         strip_names=args.strip_names,
+        activation_range=args.activation_range,
+        bias_correction=args.bias_correction,
     )
     print(f"wrote {args.output} ({len(content):,} bytes, {args.quantize}, {layout})")
 
@@ -349,6 +351,18 @@ def _add_export(sub):
     )
     p.add_argument(
         "--strip-names", action="store_true", help="drop tensor names and signatures"
+    )
+    p.add_argument(
+        "--activation-range",
+        default="minmax",
+        choices=("minmax", "batch_mean"),
+        help="int8 activation ranges: min/max over all calibration images, or "
+        "the mean of per-batch min/max (finer steps)",
+    )
+    p.add_argument(
+        "--bias-correction",
+        action="store_true",
+        help="int8: correct biases for the mean shift of int8 weights",
     )
     p.set_defaults(func=_cmd_export)
 

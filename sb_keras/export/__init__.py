@@ -7,8 +7,11 @@
   ``.tflite`` with builtin ops only, written atomically.
 * `quantize_aware_model` / `qat_fine_tune`: quantization-aware training
   with TF fake-quant ops the converter recognizes (no tfmot).
+* `correct_bias`: empirical bias correction for int8 weights;
+  `recalibrate`: activation ranges measured with every tensor preserved.
 """
 
+from sb_keras.export.bias_correction import correct_bias
 from sb_keras.export.folding import LAYOUTS
 from sb_keras.export.folding import fold_model
 from sb_keras.export.graph import UnsupportedLayerError
@@ -23,14 +26,17 @@ from sb_keras.export.qat import QuantSharedConv2D
 from sb_keras.export.qat import calibrate
 from sb_keras.export.qat import quantize_aware_model
 from sb_keras.export.tflite import QUANTIZE_MODES
+from sb_keras.export.tflite import RANGE_METHODS
 from sb_keras.export.tflite import NonBuiltinOpError
 from sb_keras.export.tflite import convert
 from sb_keras.export.tflite import op_names
+from sb_keras.export.tflite import recalibrate
 
 __all__ = [
     "LAYOUTS",
     "NonBuiltinOpError",
     "QUANTIZE_MODES",
+    "RANGE_METHODS",
     "UnsupportedLayerError",
     "FakeQuant",
     "QuantConv2D",
@@ -43,6 +49,8 @@ __all__ = [
     "load_float_model",
     "quantize_aware_model",
     "convert",
+    "correct_bias",
+    "recalibrate",
     "fold_model",
     "op_names",
 ]

@@ -81,6 +81,8 @@ def export_tflite(
     calibration_count=500,
     per_channel=True,
     strip_names=False,
+    activation_range="minmax",
+    bias_correction=False,
 ):
     """Loads (if a path), folds and converts a model; returns the bytes.
 
@@ -94,7 +96,8 @@ def export_tflite(
         dataset: dataset name of `sb_keras.data`.
         int8_io: int8 input and output tensors (``quantize="int8"`` only).
         calibration_count: calibration images for full-integer int8.
-        per_channel, strip_names: see `sb_keras.export.convert`.
+        per_channel, strip_names, activation_range, bias_correction: see
+            `sb_keras.export.convert`.
 
     Example:
 
@@ -129,4 +132,6 @@ def export_tflite(
         int8_io=int8_io,
         per_channel=per_channel,
         strip_names=strip_names,
+        activation_range=activation_range,
+        bias_correction=bias_correction,
     )

@@ -35,11 +35,46 @@ from sb_keras.layers import ZeroPadShortcut
 
 
 def _per_channel(kernel, axis_size):
-    """Symmetric narrow-range int8 fake quant over the last axis."""
+    """Symmetric narrow-range int8 fake quant over the last axis.
+
+    Returns the fake-quantized kernel and the per-channel scales
+    (``max |w| / 127``, TFLite's int8 conv weight scheme).
+    """
     m = ops.maximum(ops.max(ops.abs(ops.reshape(kernel, (-1, axis_size))), 0), 1e-8)
-    return tf.quantization.fake_quant_with_min_max_vars_per_channel(
+    kernel = tf.quantization.fake_quant_with_min_max_vars_per_channel(
         kernel, -m, m, num_bits=8, narrow_range=True
     )
+    return kernel, m / 127.0
+
+
+class _InputRange:
+    """A non-tracked reference to the `FakeQuant` that feeds a layer.
+
+    A plain object (not a layer attribute Keras would track as a sublayer)
+    so that the quantized layer can read its input scale.
+    """
+
+    def __init__(self, fake_quant):
+        self.fake_quant = fake_quant
+
+    def scale(self):
+        return self.fake_quant.scale()
+
+
+def _quantize_bias(layer, bias, weight_scale):
+    """The bias on TFLite's int32 grid (``input_scale * weight_scale``).
+
+    TFLite stores a conv/dense bias as int32 with that scale; rounding it the
+    same way here keeps the float simulation and the int8 kernels in step
+    (otherwise the bias rounding shifts some outputs by one step, which then
+    spreads through the network). Straight-through gradient.
+    """
+    ref = getattr(layer, "_input_range", None)
+    if ref is None:
+        return bias
+    s = ops.cast(ref.scale(), bias.dtype) * weight_scale
+    q = ops.round(bias / s) * s
+    return bias + ops.stop_gradient(q - bias)
 
 
 @sb_export("sb_keras.export.FakeQuant")
@@ -95,6 +130,11 @@ class FakeQuant(keras.layers.Layer):
             inputs, lo, hi, num_bits=8, narrow_range=False
         )
 
+    def scale(self):
+        """The quantization step of the current range."""
+        hi = ops.maximum(self.range_max, self.range_min + 1e-6)
+        return (hi - self.range_min) / 255.0
+
     def compute_output_shape(self, input_shape):
         return input_shape
 
@@ -104,10 +144,18 @@ class FakeQuant(keras.layers.Layer):
 
 @sb_export("sb_keras.export.QuantConv2D")
 class QuantConv2D(keras.layers.Conv2D):
-    """`Conv2D` whose kernel is fake-quantized per output channel."""
+    """`Conv2D` whose kernel is fake-quantized per output channel.
 
-    def convolution_op(self, inputs, kernel):
-        return super().convolution_op(inputs, _per_channel(kernel, kernel.shape[-1]))
+    Built by `quantize_aware_model`, which also links it to the `FakeQuant`
+    of its input so that the bias is rounded to TFLite's int32 grid.
+    """
+
+    def call(self, inputs):
+        kernel, w_scale = _per_channel(self.kernel, self.kernel.shape[-1])
+        y = self.convolution_op(inputs, kernel)
+        if self.use_bias:
+            y = y + _quantize_bias(self, self.bias, w_scale)
+        return self.activation(y) if self.activation is not None else y
 
 
 @sb_export("sb_keras.export.QuantDepthwiseConv2D")
@@ -117,7 +165,8 @@ class QuantDepthwiseConv2D(keras.layers.DepthwiseConv2D):
     def call(self, inputs):
         kh, kw, c, mult = self.kernel.shape
         flat = ops.reshape(self.kernel, (kh, kw, 1, c * mult))
-        kernel = ops.reshape(_per_channel(flat, c * mult), (kh, kw, c, mult))
+        flat, w_scale = _per_channel(flat, c * mult)
+        kernel = ops.reshape(flat, (kh, kw, c, mult))
         y = ops.depthwise_conv(
             inputs,
             kernel,
@@ -126,7 +175,7 @@ class QuantDepthwiseConv2D(keras.layers.DepthwiseConv2D):
             dilation_rate=self.dilation_rate,
         )
         if self.use_bias:
-            y = y + self.bias
+            y = y + _quantize_bias(self, self.bias, w_scale)
         return self.activation(y) if self.activation is not None else y
 
 
@@ -141,7 +190,7 @@ class QuantDense(keras.layers.Dense):
         )
         y = ops.matmul(inputs, kernel)
         if self.use_bias:
-            y = y + self.bias
+            y = y + _quantize_bias(self, self.bias, m / 127.0)
         return self.activation(y) if self.activation is not None else y
 
 
@@ -151,7 +200,7 @@ class QuantSharedConv2D(SharedConv2D):
 
     def call(self, inputs):
         x, kernel = inputs
-        kernel = _per_channel(ops.cast(kernel, self.compute_dtype), kernel.shape[-1])
+        kernel, _ = _per_channel(ops.cast(kernel, self.compute_dtype), kernel.shape[-1])
         return ops.conv(x, kernel, strides=self.strides, padding=self.padding)
 
 
@@ -177,7 +226,45 @@ _PASSTHROUGH = (
     ZeroPadShortcut,
     FilterBasis,
 )
-_FUSED_ACTIVATIONS = (keras.layers.ReLU,)
+# Ops into which the TFLite converter fuses a following ReLU/ReLU6: their own
+# output is never stored, only the activation's, so no fake quant may sit
+# between them (a second rounding the int8 kernel does not do).
+_FUSES_ACTIVATION = (
+    keras.layers.Conv2D,
+    keras.layers.DepthwiseConv2D,
+    keras.layers.Dense,
+    keras.layers.Add,
+    SharedConv2D,
+)
+
+
+def _is_fusable_activation(layer):
+    """A ReLU or ReLU6 that TFLite fuses into the op before it."""
+    if not isinstance(layer, keras.layers.ReLU):
+        return False
+    plain = not layer.negative_slope and not layer.threshold
+    return plain and layer.max_value in (None, 6.0)
+
+
+def _input_fake_quant(tensor):
+    """The `FakeQuant` whose range a tensor carries (through pads, pools)."""
+    while getattr(tensor, "_keras_history", None) is not None:
+        op = tensor._keras_history.operation
+        if isinstance(op, FakeQuant):
+            return op
+        if not isinstance(op, _PASSTHROUGH) or len(op._inbound_nodes) != 1:
+            return None
+        inputs = op._inbound_nodes[0].input_tensors
+        if len(inputs) != 1:
+            return None
+        tensor = inputs[0]
+    return None
+
+
+def _link_input_range(layer, tensor):
+    fake_quant = _input_fake_quant(tensor)
+    if fake_quant is not None:
+        layer._input_range = _InputRange(fake_quant)
 
 
 def quantize_aware_model(model, momentum=0.99, name=None):
@@ -218,10 +305,13 @@ def quantize_aware_model(model, momentum=0.99, name=None):
         users = uses.get(id(out), [])
         if id(out) not in outputs and len(users) == 1:
             user = users[0].operation
-            if isinstance(user, _FUSED_ACTIVATIONS) and isinstance(
-                layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, SharedConv2D)
-            ):
-                return False  # the ReLU after it carries the range
+            linear = getattr(layer, "activation", None) in (
+                None,
+                keras.activations.linear,
+            )
+            fused = isinstance(layer, _FUSES_ACTIVATION) and linear
+            if fused and _is_fusable_activation(user):
+                return False  # fused in TFLite: the ReLU after it carries the range
         return True
 
     counter = [0]
@@ -258,6 +348,7 @@ def quantize_aware_model(model, momentum=0.99, name=None):
             # An exact per-channel affine map: a 1x1 depthwise conv quantizes
             # to int8 where a float MUL/ADD with constants would not.
             new = QuantDepthwiseConv2D(1, use_bias=True, name=layer.name)
+            _link_input_range(new, args[0])
             out = new(*args)
             scale = np.array([1.0 / (255.0 * s) for s in layer.std], np.float32)
             offset = np.array(
@@ -266,6 +357,7 @@ def quantize_aware_model(model, momentum=0.99, name=None):
             new.set_weights([scale.reshape(1, 1, -1, 1), offset])
         elif type(layer) in _REPLACE:
             new = _REPLACE[type(layer)].from_config(layer.get_config())
+            _link_input_range(new, args[0])
             out = new(*args, **kwargs)
             new.set_weights(layer.get_weights())
         elif isinstance(layer, ZeroPadShortcut) or (
