@@ -279,6 +279,86 @@ def test_mobilenet_v2_shared_int8_agrees_with_keras(cifar10_dir, tmp_path):
     assert int8_clear >= 0.98, summary
 
 
+def _residual_toy():
+    """x -> conv -> [relu conv -> conv] + skip -> relu conv: a residual ADD."""
+    x = keras.Input((8, 8, 4))
+    y = keras.layers.Conv2D(8, 1, name="stem")(x)
+    z = keras.layers.Conv2D(16, 1, activation="relu", name="expand")(y)
+    z = keras.layers.Conv2D(8, 1, name="project")(z)
+    y = keras.layers.Add(name="add")([y, z])
+    y = keras.layers.Conv2D(8, 1, activation="relu", name="head")(y)
+    return keras.Model(x, y)
+
+
+def _output_scales(content):
+    """Output scale of every op of a .tflite flatbuffer, by op index."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_content=content)
+    details = {d["index"]: d for d in it.get_tensor_details()}
+    return [
+        (op["op_name"], details[op["outputs"][0]]["quantization"][0])
+        for op in it._get_ops_details()
+    ]
+
+
+@pytest.mark.parametrize("method", export.RANGE_METHODS)
+def test_int8_range_of_a_conv_before_an_add_is_its_own(method):
+    # The TFLite calibrator alone gives `project` the range of `add` (its
+    # in-place output); `recalibrate` measures each tensor on its own.
+    model = _residual_toy()
+    x = np.random.RandomState(0).normal(0, 3, (64, 8, 8, 4)).astype("f4")
+    content = export.convert(
+        model, quantize="int8", representative_data=x, activation_range=method
+    )
+    convs = [scale for op, scale in _output_scales(content) if op == "CONV_2D"]
+    adds = [scale for op, scale in _output_scales(content) if op == "ADD"]
+    project = keras.Model(model.inputs, model.get_layer("project").output)(x)
+    project = np.asarray(project)
+    own = (project.max() - min(project.min(), 0.0)) / 255
+    if method == "minmax":
+        np.testing.assert_allclose(convs[2], own, rtol=1e-3)
+    else:  # mean of per-batch ranges: never wider than the global one
+        assert convs[2] <= own * 1.001
+    assert convs[2] < 0.9 * adds[0]
+    ranges = export.tflite.activation_ranges(export.convert(model), x, method="minmax")
+    narrow = export.tflite.activation_ranges(
+        export.convert(model), x, method="batch_mean", batch_size=8
+    )
+    for index, (lo, hi) in narrow.items():
+        assert ranges[index][0] <= lo + 1e-6 and hi <= ranges[index][1] + 1e-6
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_bias_correction_cancels_the_mean_shift_of_int8_weights(per_channel):
+    from sb_keras.export import bias_correction
+
+    model = export.fold_model(small_resnet(), "decomposed")
+    x = pixels(16, seed=3)
+    fixed = export.correct_bias(model, x, per_channel=per_channel)
+
+    def logits_shift(m):
+        rounded = keras.models.clone_model(m)
+        rounded.set_weights(m.get_weights())
+        for layer in m.layers:
+            if layer.weights:
+                rounded.get_layer(layer.name).set_weights(
+                    bias_correction._rounded_weights(layer, per_channel)
+                )
+        ref = np.asarray(model(x, training=False))
+        return np.abs(np.asarray(rounded(x, training=False)).mean(0) - ref.mean(0))
+
+    before, after = logits_shift(model), logits_shift(fixed)
+    assert after.max() < 0.1 * before.max()
+    # Only biases change.
+    for a, b in zip(model.layers, fixed.layers):
+        for wa, wb, v in zip(a.get_weights(), b.get_weights(), a.weights):
+            if "bias" not in v.path:
+                np.testing.assert_array_equal(wa, wb)
+    with pytest.raises(ValueError, match="Received: bias_correction=True"):
+        export.convert(model, quantize="dynamic", bias_correction=True)
+
+
 class SingularValues(keras.layers.Layer):
     """A custom layer whose op (SVD) has no TFLite builtin."""
 
