@@ -211,40 +211,72 @@ def test_qat_fine_tune_on_real_data(cifar10_dir, tmp_path):
     assert np.mean(out.argmax(-1) == ref.argmax(-1)) >= 0.95
 
 
+def int8_logit_rounding_floor(path, logits):
+    """Top-1 agreement left when only the logits are rounded to int8.
+
+    The int8 file's output tensor has one scale: an image whose two best
+    Keras logits are closer than that step may tie or swap in *any* int8
+    file, however exact the rest of the network.
+    """
+    from ai_edge_litert.interpreter import Interpreter
+
+    detail = Interpreter(model_path=str(path)).get_output_details()[0]
+    scale, zero = detail["quantization"]
+    q = np.clip(np.round(logits / scale + zero), -128, 127)
+    return float(np.mean(q.argmax(-1) == logits.argmax(-1))), scale
+
+
 @pytest.mark.slow
 def test_mobilenet_v2_shared_int8_agrees_with_keras(cifar10_dir, tmp_path):
     with np.load(os.path.join(cifar10_dir, "train.npz")) as f:
         x_train, y_train = f["x"][:2048].astype("f4"), f["y"][:2048]
     x_test, _ = real_images(cifar10_dir, 1000)
     model = sb_keras.MobileNetV2(share=True, variant="cifar", num_classes=10)
+    # 1 epoch, 32 steps (~70 s: this model trains at ~35 images/s on 2
+    # cores). The cosine decay lets the BN moving statistics settle.
+    lr = keras.optimizers.schedules.CosineDecay(0.05, len(x_train) // 64)
     model.compile(
-        keras.optimizers.SGD(0.05, momentum=0.9),
+        keras.optimizers.SGD(lr, momentum=0.9),
         keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
     model.fit(x_train, y_train, batch_size=64, epochs=1, verbose=0)
     folded = export.fold_model(model)
-    ref = model.predict(x_test, verbose=0).argmax(-1)
+    logits = model.predict(x_test, verbose=0)
+    ref = logits.argmax(-1)
     agreement = {}
     for quantize in ("dynamic", "int8"):
         path = tmp_path / f"mnv2_{quantize}.tflite"
+        int8 = quantize == "int8"
         export.convert(
             folded,
             path,
             quantize=quantize,
-            representative_data=x_train[:200] if quantize == "int8" else None,
-            int8_io=quantize == "int8",
+            representative_data=x_train[:256] if int8 else None,
+            int8_io=int8,
+            activation_range="batch_mean",
         )
         names = export.op_names(path.read_bytes())
         assert not [n for n in names if n.startswith("CUSTOM")]
         out = litert.predict(str(path), x_test).argmax(-1)
         agreement[quantize] = np.mean(out == ref)
-    # int8 weights alone keep the predictions; int8 *activations* of this
-    # briefly trained model do not (measured 0.76-0.79: per-tensor ranges of
-    # the unbounded ReLU outputs). The issue's target is 0.99, not met yet.
-    # Dynamic range measured 0.982-1.0 over CI runs (random init, one epoch:
-    # near-tie logits), so 0.97 here; the test guards against regressions.
-    assert agreement["dynamic"] >= 0.97
-    assert agreement["int8"] >= 0.7
+    floor, step = int8_logit_rounding_floor(path, logits)
+    top2 = np.sort(logits, -1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 2 * step
+    int8_clear = np.mean(out[clear] == ref[clear])
+    summary = (
+        f"dynamic {agreement['dynamic']:.3f}, int8 {agreement['int8']:.3f}, "
+        f"int8 logit-rounding floor {floor:.3f}, clear images {clear.mean():.3f}, "
+        f"int8 on them {int8_clear:.4f}"
+    )
+    # Measured with 4 seeds (3 + this test's): dynamic 0.987-0.997; int8
+    # 0.954-0.987 (the issue asks 0.99: not met) while rounding only the
+    # logits to int8 already caps it at 0.958-0.994 (top-2 logits within an
+    # output step); on the 72-93 % of the images whose top-2 Keras logits are
+    # more than 2 output steps apart, int8 agrees on 0.987-1.000.
+    assert agreement["dynamic"] >= 0.98, summary
+    assert agreement["int8"] >= 0.94, summary
+    assert clear.mean() >= 0.6, summary
+    assert int8_clear >= 0.98, summary
 
 
 def _residual_toy():

@@ -147,7 +147,9 @@ class QuantConv2D(keras.layers.Conv2D):
     """`Conv2D` whose kernel is fake-quantized per output channel.
 
     Built by `quantize_aware_model`, which also links it to the `FakeQuant`
-    of its input so that the bias is rounded to TFLite's int32 grid.
+    of its input so that the bias is rounded to TFLite's int32 grid. The
+    link is not serialized: a QAT model reloaded from a file simulates a
+    float bias (convert the in-memory model, or rebuild it).
     """
 
     def call(self, inputs):
