@@ -214,7 +214,8 @@ class BasisConv2D(keras.layers.Layer):
             y = _batch_norm(self.bn, y, training)
         else:
             kernel, bias = self._composed(basis)
-            y = self.convolution_op(x, kernel) + bias
+            dtype = self.compute_dtype
+            y = self.convolution_op(x, ops.cast(kernel, dtype)) + ops.cast(bias, dtype)
         if self.orthogonality > 0 and self.unique_kernel is not None and bases:
             self.add_loss(self.penalty(bases))
         return y
@@ -255,25 +256,22 @@ class BasisConv2D(keras.layers.Layer):
         y = ops.conv(z, ops.cast(mixed, self.compute_dtype))
         # beta_b enters the output with weight zero: its exact gradient.
         offset = ops.cast(self.bn.beta, f32) + 0.0 * ops.sum(beta_b)
-        out, mean_y, variance_y = _fused_training_bn(self.bn, y, offset)
+        # The output's batch mean is not the two-step one (the shift was
+        # dropped); its moving mean is set from the exact value below.
+        out, _, variance_y = _fused_training_bn(self.bn, y, offset)
         _update_moving(self.basis_bn, mean, variance)
         _update_moving(self.bn, ops.matmul(beta_b, coeff[0, 0]), variance_y)
-        del mean_y  # equals (mean * scale) @ A, not the two-step mean
         return ops.cast(out, self.compute_dtype)
 
-    def _composed(self, basis):
-        """Inference-mode kernel and bias as tensors (graph-friendly `fold`)."""
-        f32 = "float32"
-        s_b, t_b = _bn_affine_tensors(self.basis_bn)
-        s, t = _bn_affine_tensors(self.bn)
-        coeff = ops.cast(self.coefficients, f32)[0, 0]
-        mix = (s_b[:, None] * coeff) * s[None, :]
-        kernel = ops.tensordot(ops.cast(basis, f32), mix, axes=([3], [0]))
+    def _composed(self, basis, dtype="float32"):
+        """Inference-mode kernel and bias, composed in ``dtype`` (tensors)."""
+        s_b, t_b = _bn_affine_tensors(self.basis_bn, dtype)
+        s, t = _bn_affine_tensors(self.bn, dtype)
+        coeff = ops.cast(self.coefficients, dtype)[0, 0]
+        mix = (s_b[:, None] * coeff) * s[None, :]  # (R, F)
+        kernel = ops.tensordot(ops.cast(basis, dtype), mix, axes=([3], [0]))
         bias = ops.matmul(t_b, coeff) * s + t
-        return (
-            ops.cast(kernel, self.compute_dtype),
-            ops.cast(bias, self.compute_dtype),
-        )
+        return kernel, bias
 
     def penalty(self, bases):
         """This layer's unique-row term of the CIFAR-10 penalty."""
@@ -292,16 +290,12 @@ class BasisConv2D(keras.layers.Layer):
             ``(k, k, C, filters)`` and ``(filters,)`` such that
             ``conv(x, kernel) + bias`` equals the layer's inference output.
         """
-        basis = ops.convert_to_numpy(
-            ops.cast(self.basis_kernel(list(bases)), "float32")
-        ).astype(np.float64)
-        s_b, t_b = _bn_affine(self.basis_bn)
-        s, t = _bn_affine(self.bn)
-        coeff = ops.convert_to_numpy(self.coefficients).astype(np.float64)[0, 0]
-        mix = (s_b[:, None] * coeff) * s[None, :]  # (R, F)
-        kernel = np.tensordot(basis, mix, axes=([3], [0]))
-        bias = (t_b @ coeff) * s + t
-        return kernel.astype(np.float32), bias.astype(np.float32)
+        basis = ops.cast(self.basis_kernel(list(bases)), "float32")
+        kernel, bias = self._composed(basis, dtype="float64")
+        return (
+            ops.convert_to_numpy(kernel).astype(np.float32),
+            ops.convert_to_numpy(bias).astype(np.float32),
+        )
 
     def compute_output_shape(self, input_shape):
         x_shape, _ = split_kernel_inputs(input_shape)
@@ -419,21 +413,11 @@ def _update_moving(bn, mean, variance):
     bn.moving_variance.assign(bn.moving_variance * m + variance * (1.0 - m))
 
 
-def _bn_affine_tensors(bn):
-    """Inference-mode BN as float32 tensors ``(scale, shift)``."""
-    gamma = ops.cast(bn.gamma, "float32")
-    beta = ops.cast(bn.beta, "float32")
-    mean = ops.cast(bn.moving_mean, "float32")
-    variance = ops.cast(bn.moving_variance, "float32")
-    scale = gamma * ops.rsqrt(variance + bn.epsilon)
-    return scale, beta - mean * scale
-
-
-def _bn_affine(bn):
-    """Inference-mode BN as ``x * scale + shift`` (float64 NumPy)."""
-    gamma = ops.convert_to_numpy(bn.gamma).astype(np.float64)
-    beta = ops.convert_to_numpy(bn.beta).astype(np.float64)
-    mean = ops.convert_to_numpy(bn.moving_mean).astype(np.float64)
-    var = ops.convert_to_numpy(bn.moving_variance).astype(np.float64)
-    scale = gamma / np.sqrt(var + bn.epsilon)
+def _bn_affine_tensors(bn, dtype="float32"):
+    """Inference-mode BN as tensors ``(scale, shift)`` in ``dtype``."""
+    gamma = ops.cast(bn.gamma, dtype)
+    beta = ops.cast(bn.beta, dtype)
+    mean = ops.cast(bn.moving_mean, dtype)
+    variance = ops.cast(bn.moving_variance, dtype)
+    scale = gamma / ops.sqrt(variance + bn.epsilon)
     return scale, beta - mean * scale
