@@ -6,11 +6,13 @@
 * `convert`: float32, float16, dynamic-range int8 or full-integer int8
   ``.tflite`` with builtin ops only, written atomically.
 * `quantize_aware_model` / `qat_fine_tune`: quantization-aware training
-  with TF fake-quant ops the converter recognizes (no tfmot).
+  with TF fake-quant ops the converter recognizes (no tfmot); in inference
+  the QAT layers compute like LiteRT's int8 kernels (`integer`).
 * `correct_bias`: empirical bias correction for int8 weights;
   `recalibrate`: activation ranges measured with every tensor preserved.
 """
 
+from sb_keras.export import integer
 from sb_keras.export.bias_correction import correct_bias
 from sb_keras.export.folding import LAYOUTS
 from sb_keras.export.folding import fold_model
@@ -19,11 +21,14 @@ from sb_keras.export.pipeline import choose_layout
 from sb_keras.export.pipeline import export_tflite
 from sb_keras.export.pipeline import load_float_model
 from sb_keras.export.qat import FakeQuant
+from sb_keras.export.qat import QuantAdd
 from sb_keras.export.qat import QuantConv2D
 from sb_keras.export.qat import QuantDense
 from sb_keras.export.qat import QuantDepthwiseConv2D
+from sb_keras.export.qat import QuantGlobalAveragePooling2D
 from sb_keras.export.qat import QuantSharedConv2D
 from sb_keras.export.qat import calibrate
+from sb_keras.export.qat import link_ranges
 from sb_keras.export.qat import quantize_aware_model
 from sb_keras.export.tflite import QUANTIZE_MODES
 from sb_keras.export.tflite import RANGE_METHODS
@@ -39,11 +44,15 @@ __all__ = [
     "RANGE_METHODS",
     "UnsupportedLayerError",
     "FakeQuant",
+    "integer",
+    "QuantAdd",
     "QuantConv2D",
     "QuantDense",
     "QuantDepthwiseConv2D",
+    "QuantGlobalAveragePooling2D",
     "QuantSharedConv2D",
     "calibrate",
+    "link_ranges",
     "choose_layout",
     "export_tflite",
     "load_float_model",

@@ -19,7 +19,14 @@ kernels:
 
 Converting the result with ``quantize="int8"`` needs no representative
 dataset: the ranges come from the fake-quant ops.
+
+In inference (``training=False``: ``predict``, ``evaluate``, ``model(x)``)
+the layers compute what the int8 file computes with LiteRT's default CPU
+kernels, bit for bit (`sb_keras.export.integer`); in training they are the
+differentiable float simulation.
 """
+
+import contextlib
 
 import keras
 import numpy as np
@@ -28,6 +35,7 @@ from keras import ops
 
 from sb_keras.api_export import sb_export
 from sb_keras.export import graph
+from sb_keras.export import integer
 from sb_keras.layers import FilterBasis
 from sb_keras.layers import PixelNormalization
 from sb_keras.layers import SharedConv2D
@@ -47,11 +55,12 @@ def _per_channel(kernel, axis_size):
     return kernel, m / 127.0
 
 
-class _InputRange:
-    """A non-tracked reference to the `FakeQuant` that feeds a layer.
+class _Link:
+    """A non-tracked reference to the `FakeQuant` before or after a layer.
 
     A plain object (not a layer attribute Keras would track as a sublayer)
-    so that the quantized layer can read its input scale.
+    so that the quantized layer can read that tensor's int8 grid. Set by
+    `link_ranges`.
     """
 
     def __init__(self, fake_quant):
@@ -59,6 +68,51 @@ class _InputRange:
 
     def scale(self):
         return self.fake_quant.scale()
+
+    def grid(self):
+        return integer.grid(self.fake_quant)
+
+
+_SIMULATE = [False]
+
+
+@contextlib.contextmanager
+def simulated():
+    """Inference uses the fake-quant simulation, not the integer path.
+
+    `convert` traces the model inside it: the converter must see the
+    fake-quant ops (the integer path is float64 arithmetic it would keep).
+    """
+    previous, _SIMULATE[0] = _SIMULATE[0], True
+    try:
+        yield
+    finally:
+        _SIMULATE[0] = previous
+
+
+def _integer_grids(layer, training):
+    """``(input grids, output grid)`` for the integer path, or None."""
+    inputs = getattr(layer, "_input_ranges", None)
+    output = getattr(layer, "_output_range", None)
+    if training or _SIMULATE[0] or not inputs or output is None:
+        return None
+    return [link.grid() for link in inputs], output.grid()
+
+
+def _integer_linear(layer, x, w_int, w_scale, grids, apply):
+    """Inference of a conv / depthwise conv / dense on the int8 grid.
+
+    ``w_int`` are the int8 weight codes (read from the fake-quantized kernel:
+    the TFLite converter stores the codes of the fake-quant op's output,
+    whose float32 rounding decides the rare near-ties) and ``apply(x, w)``
+    the layer's linear op, run in float64 on integer codes (exact).
+    """
+    [(sx, _)], (sy, zy) = grids
+    acc = apply(integer.to_int(x, sx), w_int)
+    if layer.use_bias:
+        acc = acc + integer.int_bias(layer.bias, sx, w_scale)
+    q = integer.requantize(acc, sx, w_scale, sy, zy)
+    return ops.cast(integer.from_int(q, sy, zy), layer.compute_dtype)
 
 
 def _quantize_bias(layer, bias, weight_scale):
@@ -69,10 +123,10 @@ def _quantize_bias(layer, bias, weight_scale):
     (otherwise the bias rounding shifts some outputs by one step, which then
     spreads through the network). Straight-through gradient.
     """
-    ref = getattr(layer, "_input_range", None)
-    if ref is None:
+    refs = getattr(layer, "_input_ranges", None)
+    if not refs:
         return bias
-    s = ops.cast(ref.scale(), bias.dtype) * weight_scale
+    s = ops.cast(refs[0].scale(), bias.dtype) * weight_scale
     q = ops.round(bias / s) * s
     return bias + ops.stop_gradient(q - bias)
 
@@ -152,8 +206,13 @@ class QuantConv2D(keras.layers.Conv2D):
     float bias (convert the in-memory model, or rebuild it).
     """
 
-    def call(self, inputs):
+    def call(self, inputs, training=None):
         kernel, w_scale = _per_channel(self.kernel, self.kernel.shape[-1])
+        grids = _integer_grids(self, training)
+        if grids is not None:
+            w = integer.to_int(kernel, w_scale)
+            y = _integer_linear(self, inputs, w, w_scale, grids, self.convolution_op)
+            return self.activation(y) if self.activation is not None else y
         y = self.convolution_op(inputs, kernel)
         if self.use_bias:
             y = y + _quantize_bias(self, self.bias, w_scale)
@@ -164,18 +223,26 @@ class QuantConv2D(keras.layers.Conv2D):
 class QuantDepthwiseConv2D(keras.layers.DepthwiseConv2D):
     """`DepthwiseConv2D` whose kernel is fake-quantized per channel."""
 
-    def call(self, inputs):
-        kh, kw, c, mult = self.kernel.shape
-        flat = ops.reshape(self.kernel, (kh, kw, 1, c * mult))
-        flat, w_scale = _per_channel(flat, c * mult)
-        kernel = ops.reshape(flat, (kh, kw, c, mult))
-        y = ops.depthwise_conv(
+    def _depthwise(self, inputs, kernel):
+        return ops.depthwise_conv(
             inputs,
             kernel,
             strides=self.strides,
             padding=self.padding,
             dilation_rate=self.dilation_rate,
         )
+
+    def call(self, inputs, training=None):
+        kh, kw, c, mult = self.kernel.shape
+        flat = ops.reshape(self.kernel, (kh, kw, 1, c * mult))
+        flat, w_scale = _per_channel(flat, c * mult)
+        kernel = ops.reshape(flat, (kh, kw, c, mult))
+        grids = _integer_grids(self, training)
+        if grids is not None:
+            w = ops.reshape(integer.to_int(flat, w_scale), (kh, kw, c, mult))
+            y = _integer_linear(self, inputs, w, w_scale, grids, self._depthwise)
+            return self.activation(y) if self.activation is not None else y
+        y = self._depthwise(inputs, kernel)
         if self.use_bias:
             y = y + _quantize_bias(self, self.bias, w_scale)
         return self.activation(y) if self.activation is not None else y
@@ -190,6 +257,12 @@ class QuantDense(keras.layers.Dense):
         kernel = tf.quantization.fake_quant_with_min_max_vars(
             self.kernel, -m, m, num_bits=8, narrow_range=True
         )
+        grids = _integer_grids(self, training)
+        if grids is not None:
+            w_scale = m / 127.0
+            w = integer.to_int(kernel, w_scale)
+            y = _integer_linear(self, inputs, w, w_scale, grids, ops.matmul)
+            return self.activation(y) if self.activation is not None else y
         y = ops.matmul(inputs, kernel)
         if self.use_bias:
             y = y + _quantize_bias(self, self.bias, m / 127.0)
@@ -206,18 +279,63 @@ class QuantSharedConv2D(SharedConv2D):
         return ops.conv(x, kernel, strides=self.strides, padding=self.padding)
 
 
+@sb_export("sb_keras.export.QuantAdd")
+class QuantAdd(keras.layers.Add):
+    """`Add` of two tensors that, in inference, adds like the int8 kernel.
+
+    Training adds in float (the fake quant after it rounds); inference
+    applies XNNPACK's fixed-point ``ADD`` to the int8 codes of its inputs
+    (`sb_keras.export.integer.add`).
+    """
+
+    def call(self, inputs, training=None):
+        grids = _integer_grids(self, training)
+        if grids is None or len(inputs) != 2 or len(grids[0]) != 2:
+            return super().call(inputs)
+        (ga, gb), go = grids
+        y = integer.add(inputs[0], inputs[1], ga, gb, go)
+        return ops.cast(y, self.compute_dtype)
+
+
+@sb_export("sb_keras.export.QuantGlobalAveragePooling2D")
+class QuantGlobalAveragePooling2D(keras.layers.GlobalAveragePooling2D):
+    """Global average pooling that, in inference, averages like int8 ``MEAN``."""
+
+    def call(self, inputs, training=None):
+        grids = _integer_grids(self, training)
+        if grids is None:
+            return super().call(inputs)
+        [gi], go = grids
+        axes = [1, 2] if self.data_format == "channels_last" else [2, 3]
+        y = integer.mean(inputs, axes, self.keepdims, gi, go)
+        return ops.cast(y, self.compute_dtype)
+
+
 QUANT_LAYERS = (
     FakeQuant,
     QuantConv2D,
     QuantDepthwiseConv2D,
     QuantDense,
     QuantSharedConv2D,
+    QuantAdd,
+    QuantGlobalAveragePooling2D,
 )
 _REPLACE = {
     keras.layers.Conv2D: QuantConv2D,
     keras.layers.DepthwiseConv2D: QuantDepthwiseConv2D,
     keras.layers.Dense: QuantDense,
+    keras.layers.Add: QuantAdd,
+    keras.layers.GlobalAveragePooling2D: QuantGlobalAveragePooling2D,
 }
+# Layers with an integer inference path (their input and output grids are
+# linked by `link_ranges`).
+_INTEGER = (
+    QuantConv2D,
+    QuantDepthwiseConv2D,
+    QuantDense,
+    QuantAdd,
+    QuantGlobalAveragePooling2D,
+)
 # Outputs that keep their input's quantization in TFLite.
 _PASSTHROUGH = (
     keras.layers.ZeroPadding2D,
@@ -263,10 +381,49 @@ def _input_fake_quant(tensor):
     return None
 
 
-def _link_input_range(layer, tensor):
-    fake_quant = _input_fake_quant(tensor)
-    if fake_quant is not None:
-        layer._input_range = _InputRange(fake_quant)
+def _output_fake_quant(tensor, uses):
+    """The `FakeQuant` that rounds a tensor (directly or after a fused ReLU)."""
+    for _ in range(2):
+        users = uses.get(id(tensor), [])
+        if len(users) != 1:
+            return None
+        op = users[0].operation
+        if isinstance(op, FakeQuant):
+            return op
+        if not _is_fusable_activation(op):
+            return None
+        tensor = users[0].outputs[0]
+    return None
+
+
+def link_ranges(model):
+    """Links every quantized layer of a QAT model to its int8 grids.
+
+    Each layer learns which `FakeQuant` ranges its inputs and its output
+    carry; with them its bias is rounded to TFLite's int32 grid and its
+    inference computes like the int8 kernels. `quantize_aware_model` calls
+    it; the links are Python references, not saved in ``.keras`` files, so
+    call it again on a loaded QAT model (`convert` does).
+
+    Args:
+        model: a model from `quantize_aware_model` (or loaded from one).
+
+    Returns:
+        The number of layers with complete links.
+    """
+    uses = graph.consumers(model)
+    linked = 0
+    for layer in model.layers:
+        if not isinstance(layer, _INTEGER) or len(layer._inbound_nodes) != 1:
+            continue
+        node = layer._inbound_nodes[0]
+        sources = [_input_fake_quant(t) for t in node.input_tensors]
+        output = _output_fake_quant(node.outputs[0], uses)
+        layer._input_ranges = [_Link(f) for f in sources if f is not None]
+        complete = output is not None and None not in sources
+        layer._output_range = _Link(output) if complete else None
+        linked += complete
+    return linked
 
 
 def quantize_aware_model(model, momentum=0.99, name=None):
@@ -350,7 +507,6 @@ def quantize_aware_model(model, momentum=0.99, name=None):
             # An exact per-channel affine map: a 1x1 depthwise conv quantizes
             # to int8 where a float MUL/ADD with constants would not.
             new = QuantDepthwiseConv2D(1, use_bias=True, name=layer.name)
-            _link_input_range(new, args[0])
             out = new(*args)
             scale = np.array([1.0 / (255.0 * s) for s in layer.std], np.float32)
             offset = np.array(
@@ -359,9 +515,9 @@ def quantize_aware_model(model, momentum=0.99, name=None):
             new.set_weights([scale.reshape(1, 1, -1, 1), offset])
         elif type(layer) in _REPLACE:
             new = _REPLACE[type(layer)].from_config(layer.get_config())
-            _link_input_range(new, args[0])
             out = new(*args, **kwargs)
-            new.set_weights(layer.get_weights())
+            if layer.weights:
+                new.set_weights(layer.get_weights())
         elif isinstance(layer, ZeroPadShortcut) or (
             graph.is_keras_builtin(layer) and not isinstance(layer, keras.Model)
         ):
@@ -390,13 +546,14 @@ def quantize_aware_model(model, momentum=0.99, name=None):
             op = value._keras_history.operation
             if isinstance(op, keras.layers.InputLayer):
                 if id(value) not in cache:
-                    cache[id(value)] = FakeQuant(momentum=momentum, name="input_quant")(
-                        value
-                    )
+                    name = "input_quant" + (f"_{len(cache)}" if cache else "")
+                    cache[id(value)] = FakeQuant(momentum=momentum, name=name)(value)
                 return cache[id(value)]
         return value
 
-    return graph.rebuild(model, first_handler, name=name or f"{model.name}_qat")
+    qat = graph.rebuild(model, first_handler, name=name or f"{model.name}_qat")
+    link_ranges(qat)
+    return qat
 
 
 def calibrate(qat_model, images, batch_size=32, steps=None):

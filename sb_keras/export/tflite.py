@@ -351,6 +351,10 @@ def convert(
         )
     path = None if output_path is None else check_output_path(output_path)
     qat = has_fake_quant(model)
+    if qat:
+        from sb_keras.export import qat as qat_module
+
+        qat_module.link_ranges(model)  # a loaded QAT model has lost them
     data = None
     if quantize == "int8" and not qat:
         if representative_data is None:
@@ -411,6 +415,8 @@ def convert(
         if calibrating
         else contextlib.nullcontext()
     )
+    if qat:
+        ranges = qat_module.simulated()
     try:
         with ranges:
             content = converter.convert()
