@@ -29,6 +29,27 @@ import tensorflow as tf
 QMIN, QMAX = -128.0, 127.0
 
 
+def _f64(x):
+    return tf.cast(x, tf.float64)
+
+
+def mul32(a, b):
+    """The float32 product ``a * b``, computed in float64 and rounded once.
+
+    Equal to an IEEE float32 multiply (the exact product of two float32
+    numbers fits in float64), and immune to graph rewrites: in a
+    ``tf.function`` TensorFlow's optimizers may change float32 arithmetic
+    by an ulp (measured: a float32 ``(a * b) / c`` one ulp off in graph
+    mode), which moves a near-tie to the other int8 code.
+    """
+    return tf.cast(_f64(a) * _f64(b), tf.float32)
+
+
+def div32(a, b):
+    """The float32 quotient ``a / b`` (float64 division, rounded once)."""
+    return tf.cast(_f64(a) / _f64(b), tf.float32)
+
+
 def grid(fake_quant):
     """``(scale, zero_point)`` of a `FakeQuant` as the converter stores them.
 
@@ -64,13 +85,23 @@ def to_int(x, scale):
 
 def from_int(q, scale, zero):
     """Float32 values of int8 codes ``q`` (float64) on a grid."""
-    return tf.cast(q - zero, tf.float32) * scale
+    return mul32(q - zero, scale)
+
+
+def bias_scale(input_scale, w_scale):
+    """The int32 bias step ``s_x * s_w`` (float32)."""
+    return mul32(input_scale, w_scale)
 
 
 def int_bias(bias, input_scale, w_scale):
-    """The int32 bias codes: ``round(b / (s_x * s_w))`` in float64."""
-    s = tf.cast(input_scale, tf.float64) * tf.cast(w_scale, tf.float64)
-    return tf.round(tf.cast(bias, tf.float64) / s)
+    """The int32 bias codes ``round(b / (s_x * s_w))`` (float32, as float64).
+
+    Computed in float32 like the QAT graph's rounded bias
+    (`sb_keras.export.qat`), which is what the converter stores: a bias
+    within float32 error of a half-step rounds the same way in both.
+    """
+    b = div32(tf.cast(bias, tf.float32), bias_scale(input_scale, w_scale))
+    return tf.round(_f64(b))
 
 
 def requantize(acc, input_scale, w_scale, out_scale, out_zero):
@@ -79,9 +110,9 @@ def requantize(acc, input_scale, w_scale, out_scale, out_zero):
     ``rint(float32(acc) * float32(float32(s_x * s_w) / s_y)) + z_y``, clamped
     to int8; ``rint`` rounds half to even like the kernels.
     """
-    multiplier = (input_scale * w_scale) / out_scale
-    v = tf.cast(acc, tf.float32) * multiplier
-    q = tf.cast(tf.round(v), tf.float64) + out_zero
+    multiplier = div32(mul32(input_scale, w_scale), out_scale)
+    v = mul32(tf.cast(acc, tf.float32), multiplier)
+    q = tf.round(_f64(v)) + out_zero
     return tf.clip_by_value(q, QMIN, QMAX)
 
 
@@ -96,7 +127,7 @@ def add(a, b, grid_a, grid_b, grid_out):
     (sa, za), (sb, zb), (so, zo) = grid_a, grid_b, grid_out
     qa = to_int(a, sa) + za
     qb = to_int(b, sb) + zb
-    ra, rb = sa / so, sb / so  # float32, as the kernel's parameters
+    ra, rb = div32(sa, so), div32(sb, so)  # float32, as the kernel's
     largest = tf.maximum(tf.abs(ra), tf.abs(rb))
     exponent = tf.bitwise.right_shift(tf.bitcast(largest, tf.int32), 23) - 127
     shift = tf.cast(20 - exponent, tf.float64)
@@ -116,7 +147,7 @@ def mean(x, axes, keepdims, grid_in, grid_out):
     count = 1
     for a in axes:
         count *= x.shape[a]
-    multiplier = (sx / so) / float(count)
-    v = tf.cast(acc, tf.float32) * multiplier
-    q = tf.clip_by_value(tf.cast(tf.round(v), tf.float64) + zo, QMIN, QMAX)
+    multiplier = div32(div32(sx, so), float(count))
+    v = mul32(tf.cast(acc, tf.float32), multiplier)
+    q = tf.clip_by_value(tf.round(_f64(v)) + zo, QMIN, QMAX)
     return from_int(q, so, zo)

@@ -52,7 +52,7 @@ def _per_channel(kernel, axis_size):
     kernel = tf.quantization.fake_quant_with_min_max_vars_per_channel(
         kernel, -m, m, num_bits=8, narrow_range=True
     )
-    return kernel, m / 127.0
+    return kernel, integer.div32(m, 127.0)  # not m / 127: see integer.mul32
 
 
 class _Link:
@@ -126,9 +126,10 @@ def _quantize_bias(layer, bias, weight_scale):
     refs = getattr(layer, "_input_ranges", None)
     if not refs:
         return bias
-    s = ops.cast(refs[0].scale(), bias.dtype) * weight_scale
-    q = ops.round(bias / s) * s
-    return bias + ops.stop_gradient(q - bias)
+    sx, _ = refs[0].grid()
+    codes = integer.int_bias(bias, sx, weight_scale)
+    q = ops.cast(codes, "float32") * integer.bias_scale(sx, weight_scale)
+    return bias + ops.stop_gradient(ops.cast(q, bias.dtype) - bias)
 
 
 @sb_export("sb_keras.export.FakeQuant")
@@ -257,15 +258,15 @@ class QuantDense(keras.layers.Dense):
         kernel = tf.quantization.fake_quant_with_min_max_vars(
             self.kernel, -m, m, num_bits=8, narrow_range=True
         )
+        w_scale = integer.div32(m, 127.0)
         grids = _integer_grids(self, training)
         if grids is not None:
-            w_scale = m / 127.0
             w = integer.to_int(kernel, w_scale)
             y = _integer_linear(self, inputs, w, w_scale, grids, ops.matmul)
             return self.activation(y) if self.activation is not None else y
         y = ops.matmul(inputs, kernel)
         if self.use_bias:
-            y = y + _quantize_bias(self, self.bias, m / 127.0)
+            y = y + _quantize_bias(self, self.bias, w_scale)
         return self.activation(y) if self.activation is not None else y
 
 
@@ -506,7 +507,11 @@ def quantize_aware_model(model, momentum=0.99, name=None):
         elif isinstance(layer, PixelNormalization):
             # An exact per-channel affine map: a 1x1 depthwise conv quantizes
             # to int8 where a float MUL/ADD with constants would not.
-            new = QuantDepthwiseConv2D(1, use_bias=True, name=layer.name)
+            # Fixed, as in the float model: trained, its weights (about
+            # 1/(255 std), fed raw pixels) take steps far larger than theirs.
+            new = QuantDepthwiseConv2D(
+                1, use_bias=True, trainable=False, name=layer.name
+            )
             out = new(*args)
             scale = np.array([1.0 / (255.0 * s) for s in layer.std], np.float32)
             offset = np.array(
