@@ -91,6 +91,79 @@ def stride_subset(x, y, limit):
     return x[::stride], y[::stride]
 
 
+def qat_step(args, model, folded, x_train, y_train, x_test, y_test):
+    """QAT fine-tune, its int8 file, and how the two compare.
+
+    Returns the table row of the QAT Keras model (whose inference computes
+    like the int8 kernels) and the ``extra.json`` entry (with the file path).
+    """
+    t = time.time()
+    qat = qat_fine_tune(
+        folded, x_train, y_train, images=args.qat_images, lr=args.qat_lr
+    )
+    path = os.path.join(args.out, f"{model.name}_folded_qat_int8.tflite")
+    export.convert(qat, path, quantize="int8", int8_io=True)
+    print(f"wrote {path} (QAT, {time.time() - t:.0f} s)", flush=True)
+    qat_out = qat.predict(x_test, batch_size=250, verbose=0)
+    with export.qat.simulated():  # the float fake-quant graph of training
+        qat.predict_function = None  # retrace under the context
+        sim_out = qat.predict(x_test, batch_size=250, verbose=0)
+    qat.predict_function = None
+    tfl_qat = litert.predict(path, x_test)
+    step = export.qat.output_quant_step(qat)
+    diff = np.abs(tfl_qat - qat_out) / step
+    sim_diff = np.abs(tfl_qat - sim_out) / step
+    row = {
+        "file": f"{model.name} QAT (Keras, int8 inference)",
+        "top1": float(np.mean(qat_out.argmax(-1) == y_test)),
+        "n": len(x_test),
+    }
+    extra = {
+        "path": path,
+        "images": args.qat_images,
+        "lr": args.qat_lr,
+        "output_step": step,
+        "max_abs_diff_steps": float(diff.max()),
+        "fraction_equal": float(np.mean(diff < 0.01)),
+        "top1_agreement_with_qat_keras": float(
+            np.mean(tfl_qat.argmax(-1) == qat_out.argmax(-1))
+        ),
+        "float_simulation": {
+            "top1": float(np.mean(sim_out.argmax(-1) == y_test)),
+            "max_abs_diff_steps": float(sim_diff.max()),
+            "fraction_within_one_step": float(np.mean(sim_diff <= 1.001)),
+            "top1_agreement": float(np.mean(tfl_qat.argmax(-1) == sim_out.argmax(-1))),
+        },
+    }
+    return row, extra
+
+
+def qat_only(args, model, x_train, y_train, x_test, y_test, keras_out):
+    """Redoes the QAT rows of an existing table (``--qat-only``)."""
+    with open(os.path.join(args.out, "table.json")) as f:
+        rows = [r for r in json.load(f) if "qat" not in r["file"].lower()]
+    with open(os.path.join(args.out, "extra.json")) as f:
+        extra = json.load(f)
+    row, extra["qat"] = qat_step(
+        args, model, export.fold_model(model), x_train, y_train, x_test, y_test
+    )
+    path = extra["qat"].pop("path")
+    rows.insert(1, row)
+    rows.append(
+        litert.evaluate_path(
+            path, x_test, y_test, runs=args.runs, keras_outputs=keras_out
+        )
+    )
+    litert.write_table(
+        rows,
+        os.path.join(args.out, "table.json"),
+        os.path.join(args.out, "table.md"),
+    )
+    print(json.dumps(extra, indent=2))
+    with open(os.path.join(args.out, "extra.json"), "w") as f:
+        json.dump(extra, f, indent=2)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--data-dir", required=True)
@@ -108,6 +181,11 @@ def main(argv=None):
     p.add_argument("--calibration-count", type=int, default=500)
     p.add_argument("--qat-images", type=int, default=8000)
     p.add_argument("--qat-lr", type=float, default=1e-5)
+    p.add_argument(
+        "--qat-only",
+        action="store_true",
+        help="redo only the QAT rows of the table already in --out",
+    )
     p.add_argument(
         "--evaluate-existing",
         action="store_true",
@@ -137,6 +215,8 @@ def main(argv=None):
     keras_out = model.predict(x_test, batch_size=250, verbose=0)
     keras_top1 = float(np.mean(keras_out.argmax(-1) == y_test))
     print(f"Keras float32 top-1 {keras_top1:.4f} ({time.time() - t:.0f} s)", flush=True)
+    if args.qat_only:
+        return qat_only(args, model, x_train, y_train, x_test, y_test, keras_out)
     rows = [
         {
             "file": f"{model.name} (Keras float32)",
@@ -163,22 +243,11 @@ def main(argv=None):
         )
         print(f"wrote {path} ({time.time() - t:.0f} s)", flush=True)
         files.append(path)
-    t = time.time()
-    qat = qat_fine_tune(
-        inference["folded"], x_train, y_train, images=args.qat_images, lr=args.qat_lr
+    qat_keras_row, qat_extra = qat_step(
+        args, model, inference["folded"], x_train, y_train, x_test, y_test
     )
-    qat_path = os.path.join(args.out, f"{model.name}_folded_qat_int8.tflite")
-    export.convert(qat, qat_path, quantize="int8", int8_io=True)
-    print(f"wrote {qat_path} (QAT, {time.time() - t:.0f} s)", flush=True)
-    files.append(qat_path)
-    qat_out = qat.predict(x_test, batch_size=250, verbose=0)
-    rows.append(
-        {
-            "file": f"{model.name} QAT (Keras fake-quant)",
-            "top1": float(np.mean(qat_out.argmax(-1) == y_test)),
-            "n": len(x_test),
-        }
-    )
+    files.append(qat_extra.pop("path"))
+    rows.append(qat_keras_row)
     for path in files:
         rows.append(
             litert.evaluate_path(
@@ -186,23 +255,11 @@ def main(argv=None):
             )
         )
         print(rows[-1], flush=True)
-    tfl_qat = litert.predict(qat_path, x_test)
-    step = export.qat.output_quant_step(qat)
-    diff = np.abs(tfl_qat - qat_out) / step
     extra = {
         "source": source,
         "test_images": len(x_test),
         "calibration_images": len(rep),
-        "qat": {
-            "images": args.qat_images,
-            "lr": args.qat_lr,
-            "output_step": step,
-            "max_abs_diff_steps": float(diff.max()),
-            "fraction_within_one_step": float(np.mean(diff <= 1.001)),
-            "top1_agreement_with_qat_keras": float(
-                np.mean(tfl_qat.argmax(-1) == qat_out.argmax(-1))
-            ),
-        },
+        "qat": qat_extra,
     }
     litert.write_table(
         rows,

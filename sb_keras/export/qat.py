@@ -66,9 +66,6 @@ class _Link:
     def __init__(self, fake_quant):
         self.fake_quant = fake_quant
 
-    def scale(self):
-        return self.fake_quant.scale()
-
     def grid(self):
         return integer.grid(self.fake_quant)
 
@@ -201,10 +198,10 @@ class FakeQuant(keras.layers.Layer):
 class QuantConv2D(keras.layers.Conv2D):
     """`Conv2D` whose kernel is fake-quantized per output channel.
 
-    Built by `quantize_aware_model`, which also links it to the `FakeQuant`
-    of its input so that the bias is rounded to TFLite's int32 grid. The
-    link is not serialized: a QAT model reloaded from a file simulates a
-    float bias (convert the in-memory model, or rebuild it).
+    Built by `quantize_aware_model`, which links it to the `FakeQuant` of
+    its input and of its output (`link_ranges`): with them the bias is
+    rounded to TFLite's int32 grid and inference runs the int8 arithmetic.
+    The links are not serialized: call `link_ranges` on a reloaded model.
     """
 
     def call(self, inputs, training=None):
