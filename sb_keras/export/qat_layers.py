@@ -1,0 +1,304 @@
+"""The quantization-aware layers: fake quant in training, int8 in inference.
+
+Used by `sb_keras.export.quantize_aware_model` (`sb_keras.export.qat`),
+which rebuilds a folded model with them and links every layer to the
+`FakeQuant` ranges of its input and output (`link_ranges`).
+
+* `FakeQuant`: per-tensor int8 fake quantization of activations with
+  moving-average ranges.
+* `QuantConv2D`, `QuantDepthwiseConv2D`, `QuantDense`: kernels fake-quantized
+  (per channel, per tensor for dense), biases on TFLite's int32 grid; in
+  inference, the int8 arithmetic of LiteRT's default CPU kernels
+  (`sb_keras.export.integer`).
+* `QuantAdd`, `QuantGlobalAveragePooling2D`: float in training, the int8
+  ``ADD`` / ``MEAN`` in inference.
+* `QuantSharedConv2D`: a shared (decomposed-layout) kernel, fake-quantized.
+"""
+
+import contextlib
+
+import keras
+import tensorflow as tf
+from keras import ops
+
+from sb_keras.api_export import sb_export
+from sb_keras.export import integer
+from sb_keras.layers import SharedConv2D
+
+
+def _per_channel(kernel, axis_size):
+    """Symmetric narrow-range int8 fake quant over the last axis.
+
+    Returns the fake-quantized kernel and the per-channel scales
+    (``max |w| / 127``, TFLite's int8 conv weight scheme).
+    """
+    m = ops.maximum(ops.max(ops.abs(ops.reshape(kernel, (-1, axis_size))), 0), 1e-8)
+    kernel = tf.quantization.fake_quant_with_min_max_vars_per_channel(
+        kernel, -m, m, num_bits=8, narrow_range=True
+    )
+    return kernel, integer.div32(m, 127.0)  # not m / 127: see integer.mul32
+
+
+class _Link:
+    """A non-tracked reference to the `FakeQuant` before or after a layer.
+
+    A plain object (not a layer attribute Keras would track as a sublayer)
+    so that the quantized layer can read that tensor's int8 grid. Set by
+    `link_ranges`.
+    """
+
+    def __init__(self, fake_quant):
+        self.fake_quant = fake_quant
+
+    def grid(self):
+        return integer.grid(self.fake_quant)
+
+
+_SIMULATE = [False]
+
+
+@contextlib.contextmanager
+def simulated():
+    """Inference uses the fake-quant simulation, not the integer path.
+
+    `convert` traces the model inside it: the converter must see the
+    fake-quant ops (the integer path is float64 arithmetic it would keep).
+    """
+    previous, _SIMULATE[0] = _SIMULATE[0], True
+    try:
+        yield
+    finally:
+        _SIMULATE[0] = previous
+
+
+def _integer_grids(layer, training):
+    """``(input grids, output grid)`` for the integer path, or None."""
+    inputs = getattr(layer, "_input_ranges", None)
+    output = getattr(layer, "_output_range", None)
+    if training or _SIMULATE[0] or not inputs or output is None:
+        return None
+    return [link.grid() for link in inputs], output.grid()
+
+
+def _integer_linear(layer, x, w_int, w_scale, grids, apply):
+    """Inference of a conv / depthwise conv / dense on the int8 grid.
+
+    ``w_int`` are the int8 weight codes (read from the fake-quantized kernel:
+    the TFLite converter stores the codes of the fake-quant op's output,
+    whose float32 rounding decides the rare near-ties) and ``apply(x, w)``
+    the layer's linear op, run in float64 on integer codes (exact).
+    """
+    [(sx, _)], (sy, zy) = grids
+    acc = apply(integer.to_int(x, sx), w_int)
+    if layer.use_bias:
+        acc = acc + integer.int_bias(layer.bias, sx, w_scale)
+    q = integer.requantize(acc, sx, w_scale, sy, zy)
+    return ops.cast(integer.from_int(q, sy, zy), layer.compute_dtype)
+
+
+def _quantize_bias(layer, bias, weight_scale):
+    """The bias on TFLite's int32 grid (``input_scale * weight_scale``).
+
+    TFLite stores a conv/dense bias as int32 with that scale; rounding it the
+    same way here keeps the float simulation and the int8 kernels in step
+    (otherwise the bias rounding shifts some outputs by one step, which then
+    spreads through the network). Straight-through gradient.
+    """
+    refs = getattr(layer, "_input_ranges", None)
+    if not refs:
+        return bias
+    sx, _ = refs[0].grid()
+    codes = integer.int_bias(bias, sx, weight_scale)
+    q = ops.cast(codes, "float32") * integer.bias_scale(sx, weight_scale)
+    return bias + ops.stop_gradient(ops.cast(q, bias.dtype) - bias)
+
+
+@sb_export("sb_keras.export.FakeQuant")
+class FakeQuant(keras.layers.Layer):
+    """Per-tensor int8 fake quantization of activations with EMA ranges.
+
+    In training the range ``[min, max]`` (always containing 0) follows an
+    exponential moving average of the batch ranges (the first batch sets
+    it); in inference the stored range is used.
+
+    Args:
+        momentum: EMA momentum of the range. Defaults to `0.99`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> fq = FakeQuant()
+    >>> y = fq(np.linspace(-1, 1, 11).astype("float32"), training=True)
+    >>> float(np.abs(np.asarray(y) - np.linspace(-1, 1, 11)).max()) < 0.01
+    True
+    """
+
+    def __init__(self, momentum=0.99, **kwargs):
+        super().__init__(**kwargs)
+        self.momentum = float(momentum)
+        self.supports_masking = True
+
+    def build(self, input_shape):
+        self.range_min = self.add_weight(
+            name="range_min", shape=(), initializer="zeros", trainable=False
+        )
+        self.range_max = self.add_weight(
+            name="range_max", shape=(), initializer="zeros", trainable=False
+        )
+        self.initialized = self.add_weight(
+            name="initialized", shape=(), initializer="zeros", trainable=False
+        )
+
+    def call(self, inputs, training=None):
+        lo, hi = self.range_min, self.range_max
+        if training:
+            x = ops.stop_gradient(inputs)
+            b_lo = ops.minimum(ops.min(x), 0.0)
+            b_hi = ops.maximum(ops.max(x), 0.0)
+            m = self.momentum * self.initialized
+            lo = m * self.range_min + (1.0 - m) * b_lo
+            hi = m * self.range_max + (1.0 - m) * b_hi
+            self.range_min.assign(lo)
+            self.range_max.assign(hi)
+            self.initialized.assign(1.0)
+        hi = ops.maximum(hi, lo + 1e-6)
+        return tf.quantization.fake_quant_with_min_max_vars(
+            inputs, lo, hi, num_bits=8, narrow_range=False
+        )
+
+    def scale(self):
+        """The quantization step of the current range."""
+        hi = ops.maximum(self.range_max, self.range_min + 1e-6)
+        return (hi - self.range_min) / 255.0
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "momentum": self.momentum}
+
+
+@sb_export("sb_keras.export.QuantConv2D")
+class QuantConv2D(keras.layers.Conv2D):
+    """`Conv2D` whose kernel is fake-quantized per output channel.
+
+    Built by `quantize_aware_model`, which links it to the `FakeQuant` of
+    its input and of its output (`link_ranges`): with them the bias is
+    rounded to TFLite's int32 grid and inference runs the int8 arithmetic.
+    The links are not serialized: call `link_ranges` on a reloaded model.
+    """
+
+    def call(self, inputs, training=None):
+        kernel, w_scale = _per_channel(self.kernel, self.kernel.shape[-1])
+        grids = _integer_grids(self, training)
+        if grids is not None:
+            w = integer.to_int(kernel, w_scale)
+            y = _integer_linear(self, inputs, w, w_scale, grids, self.convolution_op)
+            return self.activation(y) if self.activation is not None else y
+        y = self.convolution_op(inputs, kernel)
+        if self.use_bias:
+            y = y + _quantize_bias(self, self.bias, w_scale)
+        return self.activation(y) if self.activation is not None else y
+
+
+@sb_export("sb_keras.export.QuantDepthwiseConv2D")
+class QuantDepthwiseConv2D(keras.layers.DepthwiseConv2D):
+    """`DepthwiseConv2D` whose kernel is fake-quantized per channel."""
+
+    def _depthwise(self, inputs, kernel):
+        return ops.depthwise_conv(
+            inputs,
+            kernel,
+            strides=self.strides,
+            padding=self.padding,
+            dilation_rate=self.dilation_rate,
+        )
+
+    def call(self, inputs, training=None):
+        kh, kw, c, mult = self.kernel.shape
+        flat = ops.reshape(self.kernel, (kh, kw, 1, c * mult))
+        flat, w_scale = _per_channel(flat, c * mult)
+        kernel = ops.reshape(flat, (kh, kw, c, mult))
+        grids = _integer_grids(self, training)
+        if grids is not None:
+            w = ops.reshape(integer.to_int(flat, w_scale), (kh, kw, c, mult))
+            y = _integer_linear(self, inputs, w, w_scale, grids, self._depthwise)
+            return self.activation(y) if self.activation is not None else y
+        y = self._depthwise(inputs, kernel)
+        if self.use_bias:
+            y = y + _quantize_bias(self, self.bias, w_scale)
+        return self.activation(y) if self.activation is not None else y
+
+
+@sb_export("sb_keras.export.QuantDense")
+class QuantDense(keras.layers.Dense):
+    """`Dense` whose kernel is fake-quantized per tensor (symmetric)."""
+
+    def call(self, inputs, training=None):
+        m = ops.maximum(ops.max(ops.abs(self.kernel)), 1e-8)
+        kernel = tf.quantization.fake_quant_with_min_max_vars(
+            self.kernel, -m, m, num_bits=8, narrow_range=True
+        )
+        w_scale = integer.div32(m, 127.0)
+        grids = _integer_grids(self, training)
+        if grids is not None:
+            w = integer.to_int(kernel, w_scale)
+            y = _integer_linear(self, inputs, w, w_scale, grids, ops.matmul)
+            return self.activation(y) if self.activation is not None else y
+        y = ops.matmul(inputs, kernel)
+        if self.use_bias:
+            y = y + _quantize_bias(self, self.bias, w_scale)
+        return self.activation(y) if self.activation is not None else y
+
+
+@sb_export("sb_keras.export.QuantSharedConv2D")
+class QuantSharedConv2D(SharedConv2D):
+    """`SharedConv2D` whose shared kernel is fake-quantized per channel."""
+
+    def call(self, inputs):
+        x, kernel = inputs
+        kernel, _ = _per_channel(ops.cast(kernel, self.compute_dtype), kernel.shape[-1])
+        return ops.conv(x, kernel, strides=self.strides, padding=self.padding)
+
+
+@sb_export("sb_keras.export.QuantAdd")
+class QuantAdd(keras.layers.Add):
+    """`Add` of two tensors that, in inference, adds like the int8 kernel.
+
+    Training adds in float (the fake quant after it rounds); inference
+    applies XNNPACK's fixed-point ``ADD`` to the int8 codes of its inputs
+    (`sb_keras.export.integer.add`).
+    """
+
+    def call(self, inputs, training=None):
+        grids = _integer_grids(self, training)
+        if grids is None or len(inputs) != 2 or len(grids[0]) != 2:
+            return super().call(inputs)
+        (ga, gb), go = grids
+        y = integer.add(inputs[0], inputs[1], ga, gb, go)
+        return ops.cast(y, self.compute_dtype)
+
+
+@sb_export("sb_keras.export.QuantGlobalAveragePooling2D")
+class QuantGlobalAveragePooling2D(keras.layers.GlobalAveragePooling2D):
+    """Global average pooling that, in inference, averages like int8 ``MEAN``."""
+
+    def call(self, inputs, training=None):
+        grids = _integer_grids(self, training)
+        if grids is None:
+            return super().call(inputs)
+        [gi], go = grids
+        axes = [1, 2] if self.data_format == "channels_last" else [2, 3]
+        y = integer.mean(inputs, axes, self.keepdims, gi, go)
+        return ops.cast(y, self.compute_dtype)
+
+
+QUANT_LAYERS = (
+    FakeQuant,
+    QuantConv2D,
+    QuantDepthwiseConv2D,
+    QuantDense,
+    QuantSharedConv2D,
+    QuantAdd,
+    QuantGlobalAveragePooling2D,
+)
