@@ -245,7 +245,7 @@ def test_qat_model_converts_to_full_int8_equal_to_keras(tmp_path):
     # over seeds on this network, up to 3 steps apart).
     steps, out, ref = qat_output_steps(qat, path, x)
     assert steps.max() < 0.01
-    with export.qat.simulated():
+    with export.simulated():
         sim = np.asarray(qat(x, training=False))
     sim_steps = np.abs(sim - ref) / export.qat.output_quant_step(qat)
     assert np.mean(sim_steps <= 1.001) >= 0.9  # the training graph is close
@@ -282,6 +282,18 @@ def test_qat_fine_tune_on_real_data(cifar10_dir, tmp_path):
     np.testing.assert_array_equal(out.argmax(-1), ref.argmax(-1))
 
 
+def short_qat(folded, x, y, calibration_batch):
+    """Calibration on 256 images, then 1 epoch of QAT at lr 1e-5."""
+    qat = export.quantize_aware_model(folded)
+    export.calibrate(qat, x[:256], batch_size=calibration_batch)
+    qat.compile(
+        keras.optimizers.SGD(1e-5, momentum=0.9),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    qat.fit(x, y, batch_size=64, epochs=1, verbose=0)
+    return qat
+
+
 @pytest.mark.slow
 def test_qat_of_the_authors_resnet56_is_exact_and_not_below_ptq(cifar10_dir, tmp_path):
     """The issue's QAT acceptance on a trained model: the authors' ResNet56.
@@ -307,13 +319,7 @@ def test_qat_of_the_authors_resnet56_is_exact_and_not_below_ptq(cifar10_dir, tmp
     export.convert(
         folded, ptq, quantize="int8", representative_data=x_train[:256], int8_io=True
     )
-    qat = export.quantize_aware_model(folded)
-    export.calibrate(qat, x_train[:256], batch_size=64)
-    qat.compile(
-        keras.optimizers.SGD(1e-5, momentum=0.9),
-        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
-    qat.fit(x_train, y_train, batch_size=64, epochs=1, verbose=0)
+    qat = short_qat(folded, x_train, y_train, calibration_batch=64)
     path = tmp_path / "qat.tflite"
     export.convert(qat, path, quantize="int8", int8_io=True)
 
@@ -377,13 +383,7 @@ def test_mobilenet_v2_shared_int8_agrees_with_keras(cifar10_dir, tmp_path):
 
     # The deployable Keras model: a short QAT fine-tune of the same network,
     # whose inference computes like the int8 kernels.
-    qat = export.quantize_aware_model(folded)
-    export.calibrate(qat, x_train[:256], batch_size=32)
-    qat.compile(
-        keras.optimizers.SGD(1e-5, momentum=0.9),
-        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
-    qat.fit(x_train, y_train, batch_size=64, epochs=1, verbose=0)
+    qat = short_qat(folded, x_train, y_train, calibration_batch=32)
     path = tmp_path / "mnv2_qat_int8.tflite"
     export.convert(qat, path, quantize="int8", int8_io=True)
     names = export.op_names(path.read_bytes())

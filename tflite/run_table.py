@@ -105,7 +105,7 @@ def qat_step(args, model, folded, x_train, y_train, x_test, y_test):
     export.convert(qat, path, quantize="int8", int8_io=True)
     print(f"wrote {path} (QAT, {time.time() - t:.0f} s)", flush=True)
     qat_out = qat.predict(x_test, batch_size=250, verbose=0)
-    with export.qat.simulated():  # the float fake-quant graph of training
+    with export.simulated():  # the float fake-quant graph of training
         qat.predict_function = None  # retrace under the context
         sim_out = qat.predict(x_test, batch_size=250, verbose=0)
     qat.predict_function = None
@@ -138,6 +138,16 @@ def qat_step(args, model, folded, x_train, y_train, x_test, y_test):
     return row, extra
 
 
+def write_results(out, rows, extra):
+    """``table.json``, ``table.md`` and ``extra.json`` in ``out``."""
+    litert.write_table(
+        rows, os.path.join(out, "table.json"), os.path.join(out, "table.md")
+    )
+    print(json.dumps(extra, indent=2))
+    with open(os.path.join(out, "extra.json"), "w") as f:
+        json.dump(extra, f, indent=2)
+
+
 def qat_only(args, model, x_train, y_train, x_test, y_test, keras_out):
     """Redoes the QAT rows of an existing table (``--qat-only``)."""
     with open(os.path.join(args.out, "table.json")) as f:
@@ -154,14 +164,7 @@ def qat_only(args, model, x_train, y_train, x_test, y_test, keras_out):
             path, x_test, y_test, runs=args.runs, keras_outputs=keras_out
         )
     )
-    litert.write_table(
-        rows,
-        os.path.join(args.out, "table.json"),
-        os.path.join(args.out, "table.md"),
-    )
-    print(json.dumps(extra, indent=2))
-    with open(os.path.join(args.out, "extra.json"), "w") as f:
-        json.dump(extra, f, indent=2)
+    write_results(args.out, rows, extra)
 
 
 def main(argv=None):
@@ -261,14 +264,7 @@ def main(argv=None):
         "calibration_images": len(rep),
         "qat": qat_extra,
     }
-    litert.write_table(
-        rows,
-        os.path.join(args.out, "table.json"),
-        os.path.join(args.out, "table.md"),
-    )
-    print(json.dumps(extra, indent=2))
-    with open(os.path.join(args.out, "extra.json"), "w") as f:
-        json.dump(extra, f, indent=2)
+    write_results(args.out, rows, extra)
 
 
 def evaluate_existing(args):

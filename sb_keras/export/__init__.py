@@ -5,7 +5,7 @@
   (``"decomposed"``); exact in inference.
 * `convert`: float32, float16, dynamic-range int8 or full-integer int8
   ``.tflite`` with builtin ops only, written atomically.
-* `quantize_aware_model` / `qat_fine_tune`: quantization-aware training
+* `quantize_aware_model` / `calibrate`: quantization-aware training
   with TF fake-quant ops the converter recognizes (no tfmot); in inference
   the QAT layers compute like LiteRT's int8 kernels (`integer`).
 * `correct_bias`: empirical bias correction for int8 weights;
@@ -20,16 +20,17 @@ from sb_keras.export.graph import UnsupportedLayerError
 from sb_keras.export.pipeline import choose_layout
 from sb_keras.export.pipeline import export_tflite
 from sb_keras.export.pipeline import load_float_model
-from sb_keras.export.qat import FakeQuant
-from sb_keras.export.qat import QuantAdd
-from sb_keras.export.qat import QuantConv2D
-from sb_keras.export.qat import QuantDense
-from sb_keras.export.qat import QuantDepthwiseConv2D
-from sb_keras.export.qat import QuantGlobalAveragePooling2D
-from sb_keras.export.qat import QuantSharedConv2D
 from sb_keras.export.qat import calibrate
 from sb_keras.export.qat import link_ranges
 from sb_keras.export.qat import quantize_aware_model
+from sb_keras.export.qat_layers import FakeQuant
+from sb_keras.export.qat_layers import QuantAdd
+from sb_keras.export.qat_layers import QuantConv2D
+from sb_keras.export.qat_layers import QuantDense
+from sb_keras.export.qat_layers import QuantDepthwiseConv2D
+from sb_keras.export.qat_layers import QuantGlobalAveragePooling2D
+from sb_keras.export.qat_layers import QuantSharedConv2D
+from sb_keras.export.qat_layers import simulated
 from sb_keras.export.tflite import QUANTIZE_MODES
 from sb_keras.export.tflite import RANGE_METHODS
 from sb_keras.export.tflite import NonBuiltinOpError
@@ -60,6 +61,7 @@ __all__ = [
     "convert",
     "correct_bias",
     "recalibrate",
+    "simulated",
     "fold_model",
     "op_names",
 ]

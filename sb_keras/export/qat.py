@@ -30,7 +30,6 @@ import keras
 import numpy as np
 
 from sb_keras.export import graph
-from sb_keras.export.qat_layers import QUANT_LAYERS
 from sb_keras.export.qat_layers import FakeQuant
 from sb_keras.export.qat_layers import QuantAdd
 from sb_keras.export.qat_layers import QuantConv2D
@@ -39,27 +38,10 @@ from sb_keras.export.qat_layers import QuantDepthwiseConv2D
 from sb_keras.export.qat_layers import QuantGlobalAveragePooling2D
 from sb_keras.export.qat_layers import QuantSharedConv2D
 from sb_keras.export.qat_layers import _Link
-from sb_keras.export.qat_layers import simulated
 from sb_keras.layers import FilterBasis
 from sb_keras.layers import PixelNormalization
 from sb_keras.layers import SharedConv2D
 from sb_keras.layers import ZeroPadShortcut
-
-__all__ = [
-    "QUANT_LAYERS",
-    "FakeQuant",
-    "QuantAdd",
-    "QuantConv2D",
-    "QuantDense",
-    "QuantDepthwiseConv2D",
-    "QuantGlobalAveragePooling2D",
-    "QuantSharedConv2D",
-    "calibrate",
-    "link_ranges",
-    "output_quant_step",
-    "quantize_aware_model",
-    "simulated",
-]
 
 _REPLACE = {
     keras.layers.Conv2D: QuantConv2D,

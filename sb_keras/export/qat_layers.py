@@ -18,6 +18,7 @@ which rebuilds a folded model with them and links every layer to the
 import contextlib
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras import ops
 
@@ -80,20 +81,32 @@ def _integer_grids(layer, training):
     return [link.grid() for link in inputs], output.grid()
 
 
-def _integer_linear(layer, x, w_int, w_scale, grids, apply):
-    """Inference of a conv / depthwise conv / dense on the int8 grid.
+def _linear(layer, x, kernel, w_scale, training, apply):
+    """A conv / depthwise conv / dense with its bias and activation.
 
-    ``w_int`` are the int8 weight codes (read from the fake-quantized kernel:
-    the TFLite converter stores the codes of the fake-quant op's output,
-    whose float32 rounding decides the rare near-ties) and ``apply(x, w)``
-    the layer's linear op, run in float64 on integer codes (exact).
+    ``kernel`` is the fake-quantized kernel, ``w_scale`` its int8 scales
+    (per output channel, or one) and ``apply(x, kernel)`` the layer's linear
+    op. Training (or `simulated`): the float simulation, bias on the int32
+    grid. Inference: the op in float64 on integer codes (exact) and the int8
+    requantization of the kernels. The weight codes are read from the
+    fake-quantized kernel because the converter stores the codes of the
+    fake-quant op's output, whose float32 rounding decides the rare near-ties.
     """
-    [(sx, _)], (sy, zy) = grids
-    acc = apply(integer.to_int(x, sx), w_int)
-    if layer.use_bias:
-        acc = acc + integer.int_bias(layer.bias, sx, w_scale)
-    q = integer.requantize(acc, sx, w_scale, sy, zy)
-    return ops.cast(integer.from_int(q, sy, zy), layer.compute_dtype)
+    grids = _integer_grids(layer, training)
+    if grids is None:
+        y = apply(x, kernel)
+        if layer.use_bias:
+            y = y + _quantize_bias(layer, layer.bias, w_scale)
+    else:
+        [(sx, _)], (sy, zy) = grids
+        channels = int(np.prod(w_scale.shape))
+        codes = integer.to_int(ops.reshape(kernel, (-1, channels)), w_scale)
+        acc = apply(integer.to_int(x, sx), ops.reshape(codes, kernel.shape))
+        if layer.use_bias:
+            acc = acc + integer.int_bias(layer.bias, sx, w_scale)
+        q = integer.requantize(acc, sx, w_scale, sy, zy)
+        y = ops.cast(integer.from_int(q, sy, zy), layer.compute_dtype)
+    return layer.activation(y) if layer.activation is not None else y
 
 
 def _quantize_bias(layer, bias, weight_scale):
@@ -190,15 +203,7 @@ class QuantConv2D(keras.layers.Conv2D):
 
     def call(self, inputs, training=None):
         kernel, w_scale = _per_channel(self.kernel, self.kernel.shape[-1])
-        grids = _integer_grids(self, training)
-        if grids is not None:
-            w = integer.to_int(kernel, w_scale)
-            y = _integer_linear(self, inputs, w, w_scale, grids, self.convolution_op)
-            return self.activation(y) if self.activation is not None else y
-        y = self.convolution_op(inputs, kernel)
-        if self.use_bias:
-            y = y + _quantize_bias(self, self.bias, w_scale)
-        return self.activation(y) if self.activation is not None else y
+        return _linear(self, inputs, kernel, w_scale, training, self.convolution_op)
 
 
 @sb_export("sb_keras.export.QuantDepthwiseConv2D")
@@ -219,15 +224,7 @@ class QuantDepthwiseConv2D(keras.layers.DepthwiseConv2D):
         flat = ops.reshape(self.kernel, (kh, kw, 1, c * mult))
         flat, w_scale = _per_channel(flat, c * mult)
         kernel = ops.reshape(flat, (kh, kw, c, mult))
-        grids = _integer_grids(self, training)
-        if grids is not None:
-            w = ops.reshape(integer.to_int(flat, w_scale), (kh, kw, c, mult))
-            y = _integer_linear(self, inputs, w, w_scale, grids, self._depthwise)
-            return self.activation(y) if self.activation is not None else y
-        y = self._depthwise(inputs, kernel)
-        if self.use_bias:
-            y = y + _quantize_bias(self, self.bias, w_scale)
-        return self.activation(y) if self.activation is not None else y
+        return _linear(self, inputs, kernel, w_scale, training, self._depthwise)
 
 
 @sb_export("sb_keras.export.QuantDense")
@@ -240,15 +237,7 @@ class QuantDense(keras.layers.Dense):
             self.kernel, -m, m, num_bits=8, narrow_range=True
         )
         w_scale = integer.div32(m, 127.0)
-        grids = _integer_grids(self, training)
-        if grids is not None:
-            w = integer.to_int(kernel, w_scale)
-            y = _integer_linear(self, inputs, w, w_scale, grids, ops.matmul)
-            return self.activation(y) if self.activation is not None else y
-        y = ops.matmul(inputs, kernel)
-        if self.use_bias:
-            y = y + _quantize_bias(self, self.bias, w_scale)
-        return self.activation(y) if self.activation is not None else y
+        return _linear(self, inputs, kernel, w_scale, training, ops.matmul)
 
 
 @sb_export("sb_keras.export.QuantSharedConv2D")

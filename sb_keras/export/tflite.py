@@ -84,9 +84,9 @@ def check_representative_data(model, data):
 
 def has_fake_quant(model):
     """True when ``model`` is a quantization-aware model of `sb_keras.export`."""
-    from sb_keras.export import qat
+    from sb_keras.export.qat_layers import QUANT_LAYERS
 
-    return any(isinstance(layer, qat.QUANT_LAYERS) for layer in model.layers)
+    return any(isinstance(layer, QUANT_LAYERS) for layer in model.layers)
 
 
 def op_names(content):
@@ -352,9 +352,10 @@ def convert(
     path = None if output_path is None else check_output_path(output_path)
     qat = has_fake_quant(model)
     if qat:
-        from sb_keras.export import qat as qat_module
+        from sb_keras.export import qat_layers
+        from sb_keras.export.qat import link_ranges
 
-        qat_module.link_ranges(model)  # a loaded QAT model has lost them
+        link_ranges(model)  # a loaded QAT model has lost them
     data = None
     if quantize == "int8" and not qat:
         if representative_data is None:
@@ -416,7 +417,7 @@ def convert(
         else contextlib.nullcontext()
     )
     if qat:
-        ranges = qat_module.simulated()
+        ranges = qat_layers.simulated()
     try:
         with ranges:
             content = converter.convert()
