@@ -286,7 +286,7 @@ def test_save_authors_state_dict_rejects_imagenet_models():
 _PREAMBLE = b"".join(
     pickle.dumps(obj, protocol=2)
     for obj in (
-        ck._LEGACY_MAGIC,
+        ck.reader._LEGACY_MAGIC,
         1001,
         {"protocol_version": 1001, "little_endian": True, "type_sizes": {}},
     )

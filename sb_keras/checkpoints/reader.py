@@ -1,0 +1,581 @@
+"""A restricted reader of ``torch.save`` files: pickle and NumPy, no torch.
+
+Both serializations are read: the legacy one (a sequence of pickles followed
+by the raw storages; the authors' files) and the zip archive of
+torch >= 1.6. The unpickler resolves only the globals a tensor state dict
+needs and refuses every other one before anything could call it.
+
+A checkpoint is untrusted input, so what the reader allocates and how long
+it works are bounded by the file itself:
+
+* a storage's data is read only when the file holds all of its bytes (a
+  size in the pickle is checked against the bytes left before reading);
+* a zip entry is decompressed at most to its declared storage size, and an
+  entry that would expand more than `MAX_COMPRESSION_RATIO` times its
+  compressed size (beyond `COMPRESSION_SLACK_BYTES`) is refused before it
+  is decompressed (torch stores its entries uncompressed);
+* a tensor may have more elements than its storage holds (stride 0 or
+  overlapping strides, as ``expand`` makes) only up to
+  `MAX_EXPANDED_ELEMENTS`;
+* the unpickled object is walked iteratively, nested at most `MAX_DEPTH`
+  levels, each shared object converted once, and cycles are refused.
+"""
+
+import collections
+import io
+import math
+import os
+import pickle
+import zipfile
+
+import numpy as np
+
+# First pickle of a legacy torch file, and the protocol version after it.
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_LEGACY_PROTOCOL = 1001
+_ZIP_MAGIC = b"PK\x03\x04"
+
+# Elements a tensor may have beyond those of its storage (stride-0 or
+# overlapping views): 2**24 float32 values are 64 MiB.
+MAX_EXPANDED_ELEMENTS = 2**24
+# A zip entry may decompress to at most this many times its compressed size
+# plus the slack (small entries of zeros compress very well).
+MAX_COMPRESSION_RATIO = 64
+COMPRESSION_SLACK_BYTES = 2**20
+# Nesting levels of the saved object (a state dict in a dict has 3).
+MAX_DEPTH = 64
+
+# torch storage class -> NumPy dtype (little endian; byte order fixed later).
+_STORAGE_DTYPES = {
+    "DoubleStorage": "f8",
+    "FloatStorage": "f4",
+    "HalfStorage": "f2",
+    "BFloat16Storage": "u2",  # widened to float32 after reading
+    "LongStorage": "i8",
+    "IntStorage": "i4",
+    "ShortStorage": "i2",
+    "CharStorage": "i1",
+    "ByteStorage": "u1",
+    "BoolStorage": "?",
+}
+_DTYPE_STORAGES = {
+    np.dtype(v): k for k, v in _STORAGE_DTYPES.items() if k != "BFloat16Storage"
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read or does not fit the model."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint whose pickle asks for something a state dict never needs."""
+
+
+# ---------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------
+
+
+class _Sealed:
+    """Refuses the pickle ``BUILD`` opcode, which could rewrite attributes."""
+
+    __slots__ = ()
+
+    def __setstate__(self, state):
+        raise UnsafeCheckpointError(
+            f"Refusing a pickle that modifies a {type(self).__name__.strip('_')} "
+            "after building it; torch never writes that. Received: "
+            f"state={str(state)[:80]}"
+        )
+
+
+class _Storage(_Sealed):
+    """A torch storage of the file: its dtype, size, and (later) its data."""
+
+    __slots__ = ("key", "storage_type", "dtype", "numel", "location", "data", "problem")
+
+    def __init__(self, key, storage_type, numel, location):
+        self.key = key
+        self.storage_type = storage_type
+        self.dtype = np.dtype(_STORAGE_DTYPES[storage_type])
+        self.numel = numel
+        self.location = location
+        self.data = None  # 1-D array once read
+        self.problem = None  # why the data could not be read
+
+    def set_bytes(self, raw, byteorder):
+        need = self.numel * self.dtype.itemsize
+        if len(raw) < need:
+            self.problem = (
+                f"its storage {self.key!r} needs {need} bytes but the file "
+                f"holds only {len(raw)} (the file is truncated)"
+            )
+            return
+        dtype = self.dtype.newbyteorder("<" if byteorder == "little" else ">")
+        data = np.frombuffer(raw, dtype=dtype, count=self.numel)
+        data = data.astype(self.dtype.newbyteorder("="))
+        if self.storage_type == "BFloat16Storage":
+            data = (data.astype(np.uint32) << 16).view(np.float32)
+        self.data = data
+
+
+class _StorageView(_Sealed):
+    """A legacy view into another storage (``view_metadata`` of old files)."""
+
+    __slots__ = ("root", "offset", "numel", "key")
+
+    def __init__(self, root, offset, numel):
+        self.root, self.offset, self.numel = root, offset, numel
+        self.key = root.key
+
+    @property
+    def problem(self):
+        return self.root.problem
+
+    @property
+    def data(self):
+        if self.root.data is None:
+            return None
+        return self.root.data[self.offset : self.offset + self.numel]
+
+
+class _Tensor(_Sealed):
+    """A tensor of the pickle, materialized once its storage has been read."""
+
+    __slots__ = ("storage", "offset", "shape", "stride")
+
+    def __init__(self, storage, offset, shape, stride):
+        self.storage = storage
+        self.offset = offset
+        self.shape = shape
+        self.stride = stride
+
+    def to_numpy(self, name):
+        storage = self.storage
+        if storage.data is None:
+            raise CheckpointError(
+                f"Cannot read tensor {name!r} of shape {self.shape}: "
+                f"{storage.problem or 'its storage is missing'}."
+            )
+        data = storage.data
+        if 0 in self.shape:
+            return np.zeros(self.shape, dtype=data.dtype)
+        numel = math.prod(self.shape)
+        if numel > len(data) and numel > MAX_EXPANDED_ELEMENTS:
+            raise CheckpointError(
+                f"Tensor {name!r} of shape {self.shape} (stride {self.stride}) "
+                f"has {numel} elements but its storage {storage.key!r} holds "
+                f"{len(data)}: a stride-0 or overlapping view may expand its "
+                f"storage to at most MAX_EXPANDED_ELEMENTS={MAX_EXPANDED_ELEMENTS} "
+                "elements."
+            )
+        last = self.offset + sum((n - 1) * s for n, s in zip(self.shape, self.stride))
+        if last >= len(data):
+            raise CheckpointError(
+                f"Tensor {name!r} of shape {self.shape} (stride {self.stride}, "
+                f"offset {self.offset}) does not fit in its storage "
+                f"{storage.key!r} of {len(data)} elements."
+            )
+        itemsize = data.dtype.itemsize
+        view = np.lib.stride_tricks.as_strided(
+            data[self.offset :],
+            shape=self.shape,
+            strides=[s * itemsize for s in self.stride],
+            writeable=False,
+        )
+        return np.array(view)
+
+
+def _int_tuple(value, what):
+    if not isinstance(value, tuple) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+    ):
+        raise CheckpointError(
+            f"A tensor's {what} must be a tuple of non-negative integers. "
+            f"Received: {what}={value!r}"
+        )
+    return value
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, *unused):
+    """Stand-in of ``torch._utils._rebuild_tensor(_v2)``: records, runs nothing."""
+    if not isinstance(storage, (_Storage, _StorageView)):
+        raise CheckpointError(
+            f"A tensor must be built on a storage. Received: storage={storage!r}"
+        )
+    size = _int_tuple(size, "size")
+    stride = _int_tuple(stride, "stride")
+    if len(size) != len(stride):
+        raise CheckpointError(
+            f"A tensor's size and stride must have the same length. "
+            f"Received: size={size}, stride={stride}"
+        )
+    _int_tuple((storage_offset,), "storage_offset")
+    return _Tensor(storage, storage_offset, size, stride)
+
+
+def _rebuild_parameter(data, *unused):
+    """Stand-in of ``torch._utils._rebuild_parameter``: the data itself."""
+    return data
+
+
+class _StorageType(_Sealed):
+    """Stand-in of a ``torch.*Storage`` class: a name, never called."""
+
+    __slots__ = ("storage_type",)
+
+    def __init__(self, name):
+        self.storage_type = name
+
+    def __call__(self, *args, **kwargs):
+        raise UnsafeCheckpointError(
+            f"The storage type torch.{self.storage_type} may only appear in a "
+            "storage reference, not be called."
+        )
+
+
+_ALLOWED_GLOBALS = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    **{("torch", name): _StorageType(name) for name in _STORAGE_DTYPES},
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only the globals of a tensor state dict.
+
+    Every other global (``os.system``, ``builtins.eval``, a torch module
+    class, ...) raises `UnsafeCheckpointError` when the pickle *names* it,
+    before anything could call it. Storage references (persistent ids)
+    become `_Storage` records; nothing is read from them here.
+    """
+
+    def __init__(self, file, storages, path):
+        super().__init__(file)
+        self.storages = storages
+        self.path = path
+
+    def find_class(self, module, name):
+        try:
+            return _ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise UnsafeCheckpointError(
+                f"Refusing to load {self.path!r}: its pickle references the "
+                f"global {module}.{name}, which a tensor state dict never "
+                "needs (nothing from the file was run). Received: "
+                f"global={module}.{name}"
+            ) from None
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"):
+            raise UnsafeCheckpointError(
+                f"Refusing to load {self.path!r}: unknown persistent id. "
+                f"Received: persistent_id={pid!r}"
+            )
+        _, storage_type, key, location, numel = pid[:5]
+        name = getattr(storage_type, "storage_type", None)
+        view = pid[5] if len(pid) == 6 else None
+        if not isinstance(storage_type, _StorageType):
+            raise CheckpointError(
+                f"{self.path!r}: a storage reference must name a torch storage "
+                f"type. Received: storage_type={storage_type!r}"
+            )
+        key = str(key)
+        _int_tuple((numel,), "storage size")
+        storage = self.storages.get(key)
+        if storage is None:
+            storage = _Storage(key, name, numel, location)
+            self.storages[key] = storage
+        elif (storage.storage_type, storage.numel) != (name, numel):
+            raise CheckpointError(
+                f"{self.path!r}: storage {key!r} is referenced as "
+                f"{storage.storage_type}[{storage.numel}] and as {name}[{numel}]."
+            )
+        if view is not None:
+            view_key, offset, view_numel = view
+            _int_tuple((offset, view_numel), "storage view")
+            if offset + view_numel > storage.numel:
+                raise CheckpointError(
+                    f"{self.path!r}: storage view {view_key!r} "
+                    f"[{offset}:{offset + view_numel}] exceeds storage {key!r} "
+                    f"of {storage.numel} elements."
+                )
+            return _StorageView(storage, offset, view_numel)
+        return storage
+
+
+def _unpickle(file, storages, path):
+    try:
+        return _RestrictedUnpickler(file, storages, path).load()
+    except CheckpointError:
+        raise
+    except (EOFError, pickle.UnpicklingError, ValueError, TypeError) as e:
+        raise CheckpointError(
+            f"Cannot read {path!r}: its pickle is truncated or corrupt ({e})."
+        ) from e
+
+
+def _read_legacy(file, path):
+    size = os.fstat(file.fileno()).st_size
+    storages = {}
+    magic = _unpickle(file, storages, path)
+    if magic != _LEGACY_MAGIC:
+        raise CheckpointError(
+            f"{path!r} is not a PyTorch checkpoint (wrong magic number)."
+        )
+    protocol = _unpickle(file, storages, path)
+    if protocol != _LEGACY_PROTOCOL:
+        raise CheckpointError(
+            f"{path!r}: unsupported legacy protocol. "
+            f"Received: protocol_version={protocol!r}"
+        )
+    sys_info = _unpickle(file, storages, path)
+    byteorder = "little"
+    if isinstance(sys_info, dict) and not sys_info.get("little_endian", True):
+        byteorder = "big"
+    result = _unpickle(file, storages, path)
+    try:
+        keys = _unpickle(file, storages, path)
+    except CheckpointError:
+        keys = []  # truncated before the storage list: every storage is missing
+    if not isinstance(keys, list):
+        raise CheckpointError(f"{path!r}: corrupt storage list. Received: {keys!r}")
+    for key in keys:
+        storage = storages.get(str(key))
+        if storage is None:
+            raise CheckpointError(
+                f"{path!r}: the storage list names {key!r}, which no tensor uses."
+            )
+        head = file.read(8)
+        if len(head) < 8:
+            storage.problem = (
+                f"its storage {storage.key!r} is cut off (the file is truncated)"
+            )
+            continue
+        numel = int.from_bytes(head, byteorder, signed=True)
+        if numel != storage.numel:
+            raise CheckpointError(
+                f"{path!r}: storage {storage.key!r} has {numel} elements in the "
+                f"data section but {storage.numel} in the pickle."
+            )
+        need = numel * storage.dtype.itemsize
+        left = size - file.tell()
+        if need > left:  # never ask read() for more than the file holds
+            storage.problem = (
+                f"its storage {storage.key!r} needs {need} bytes but the file "
+                f"holds only {left} more (the file is truncated)"
+            )
+            break
+        storage.set_bytes(file.read(need), byteorder)
+    for storage in storages.values():
+        if storage.data is None and storage.problem is None:
+            storage.problem = (
+                f"its storage {storage.key!r} is missing (the file is truncated)"
+            )
+    return result
+
+
+def _read_zip(path):
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, ValueError) as e:
+        raise CheckpointError(
+            f"Cannot read {path!r}: the zip archive is truncated or corrupt ({e})."
+        ) from e
+    with archive:
+        names = set(archive.namelist())
+        pickles = [n for n in archive.namelist() if n.endswith("data.pkl")]
+        if len(pickles) != 1:
+            raise CheckpointError(
+                f"{path!r} is a zip file but not a PyTorch checkpoint: expected "
+                f"one '<name>/data.pkl'. Received: entries {archive.namelist()[:8]}"
+            )
+        prefix = pickles[0][: -len("data.pkl")]
+        byteorder = "little"
+        storages = {}
+        try:
+            if prefix + "byteorder" in names:
+                raw = _read_entry(archive, prefix + "byteorder", 16, path)
+                byteorder = raw.decode(errors="replace").strip()
+                if byteorder not in ("little", "big"):
+                    raise CheckpointError(
+                        f"{path!r}: unknown byte order. Received: byteorder="
+                        f"{byteorder[:16]!r}"
+                    )
+            pickle_info = archive.getinfo(pickles[0])
+            payload = _read_entry(archive, pickles[0], pickle_info.file_size, path)
+            result = _unpickle(io.BytesIO(payload), storages, path)
+            for key, storage in storages.items():
+                record = f"{prefix}data/{key}"
+                if record not in names:
+                    storage.problem = f"its storage record {record!r} is missing"
+                    continue
+                need = storage.numel * storage.dtype.itemsize
+                storage.set_bytes(_read_entry(archive, record, need, path), byteorder)
+        except (zipfile.BadZipFile, EOFError, OSError, RuntimeError) as e:
+            raise CheckpointError(
+                f"Cannot read {path!r}: the zip archive is truncated or corrupt ({e})."
+            ) from e
+    return result
+
+
+def _read_entry(archive, name, limit, path):
+    """The bytes of one zip entry, at most ``limit`` of them.
+
+    The entry is refused before decompression when its header announces
+    more than ``limit`` bytes (the storage size the pickle declared) or a
+    compression ratio above `MAX_COMPRESSION_RATIO`; reading stops at
+    ``limit`` bytes whatever the header says, so a lying header cannot
+    expand it further.
+    """
+    info = archive.getinfo(name)
+    if info.file_size > limit:
+        raise CheckpointError(
+            f"{path!r}: zip entry {name!r} expands to {info.file_size} bytes, "
+            f"more than the {limit} its tensor storage declares."
+        )
+    bound = MAX_COMPRESSION_RATIO * info.compress_size + COMPRESSION_SLACK_BYTES
+    if info.file_size > bound:
+        raise CheckpointError(
+            f"{path!r}: zip entry {name!r} expands from {info.compress_size} to "
+            f"{info.file_size} bytes, more than MAX_COMPRESSION_RATIO="
+            f"{MAX_COMPRESSION_RATIO} times (a zip bomb?); torch stores its "
+            "entries uncompressed."
+        )
+    with archive.open(info) as entry:
+        return entry.read(min(limit, bound))
+
+
+def _materialize(obj, name, depth=0, done=None, active=None):
+    """The unpickled object with every tensor as a NumPy array.
+
+    Recursion is bounded by `MAX_DEPTH`; an object referenced several
+    times (the pickle memo) is converted once and stays shared, so a
+    pickle of lists of references to lists cannot make the walk
+    exponential; a cycle is refused.
+    """
+    if done is None:
+        done, active = {}, set()
+    if isinstance(obj, _Tensor):
+        if id(obj) not in done:
+            done[id(obj)] = obj.to_numpy(name)
+        return done[id(obj)]
+    if not isinstance(obj, (dict, list, tuple)):
+        return obj
+    if id(obj) in done:
+        return done[id(obj)]
+    where = name[:200] or "the top level"
+    if id(obj) in active:
+        raise CheckpointError(
+            f"The checkpoint's object contains itself at {where!r}; a state "
+            "dict has no cycles."
+        )
+    if depth >= MAX_DEPTH:
+        raise CheckpointError(
+            f"The checkpoint's object is nested deeper than MAX_DEPTH="
+            f"{MAX_DEPTH} levels at {where!r}; a state dict is nested a few "
+            "levels deep."
+        )
+    active.add(id(obj))
+    if isinstance(obj, dict):
+        out = {
+            k: _materialize(
+                v, f"{name}/{k}" if name else str(k), depth + 1, done, active
+            )
+            for k, v in obj.items()
+        }
+    else:
+        out = [
+            _materialize(v, f"{name}[{i}]", depth + 1, done, active)
+            for i, v in enumerate(obj)
+        ]
+        if isinstance(obj, tuple):
+            out = tuple(out)
+    active.discard(id(obj))
+    done[id(obj)] = out
+    return out
+
+
+def read_checkpoint(path):
+    """Reads a ``torch.save`` file without torch and without running its code.
+
+    Both serializations are understood: the legacy one (a sequence of
+    pickles followed by the raw storages; the authors' files, whose storages
+    are tagged ``cuda:0``) and the zip archive of torch >= 1.6. The pickle is
+    read by a restricted unpickler that only resolves tensor rebuild
+    functions, storage types and ``collections.OrderedDict``.
+
+    Args:
+        path: the checkpoint file.
+
+    Returns:
+        The saved object with every tensor as a NumPy array (CPU, C order)
+        and every ``OrderedDict`` as a ``dict``.
+
+    Raises:
+        UnsafeCheckpointError: the pickle names any other global.
+        CheckpointError: the file is truncated or corrupt; the message names
+            the tensor whose data is missing and its shape.
+
+    Example:
+
+    >>> ckpt = read_checkpoint("CIFAR10_ResNet56_S16U1_7.46err.pth.pth")
+    ... # doctest: +SKIP
+    >>> sorted(ckpt)  # doctest: +SKIP
+    ['acc', 'epoch', 'net_state_dict', 'optimizer_state_dict']
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No checkpoint file at path={path!r}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+        if head == _ZIP_MAGIC:
+            result = _read_zip(path)
+        elif head[:2] == b"\x80\x02":
+            f.seek(0)
+            result = _read_legacy(f, path)
+        else:
+            raise CheckpointError(
+                f"{path!r} is neither a zip nor a legacy PyTorch checkpoint "
+                f"(first bytes {head!r})."
+            )
+    return _materialize(result, "")
+
+
+_STATE_DICT_KEYS = ("net_state_dict", "state_dict", "model_state_dict", "model")
+
+
+def read_state_dict(path):
+    """The network state dict of a checkpoint, as ``{name: np.ndarray}``.
+
+    Takes the entry ``net_state_dict`` (the authors' files), ``state_dict``,
+    ``model_state_dict`` or ``model`` of a training checkpoint, or the file's
+    top-level dict when it is itself a state dict. See `read_checkpoint`.
+
+    Example:
+
+    >>> sd = read_state_dict("CIFAR10_ResNet56_S16U1_7.46err.pth.pth")
+    ... # doctest: +SKIP
+    >>> sd["conv1.weight"].shape  # doctest: +SKIP
+    (16, 3, 3, 3)
+    """
+    obj = read_checkpoint(path)
+    if isinstance(obj, dict):
+        for key in _STATE_DICT_KEYS:
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(
+        isinstance(v, np.ndarray) for v in obj.values()
+    ):
+        keys = list(obj)[:8] if isinstance(obj, dict) else "-"
+        raise CheckpointError(
+            f"{os.fspath(path)!r} holds no state dict (a dict of tensors, or a "
+            f"dict with one of {_STATE_DICT_KEYS}). Received: "
+            f"{type(obj).__name__} with keys {keys}"
+        )
+    return obj
+
