@@ -112,13 +112,20 @@ _BLOCK_KEY = re.compile(r"^layer(\d+)\.(\d+)\.")
 _MODEL_BASIS = re.compile(r"^shared_basis_\d+(_\d+)?\.weight$")
 
 
-def _shape_of(state_dict, key):
+def _shape_of(state_dict, key, ndim):
+    """The shape of ``state_dict[key]``, which must have ``ndim`` dimensions."""
     if key not in state_dict:
         raise CheckpointError(
             f"The state dict has no {key!r}, which every authors' CIFAR ResNet "
             f"has. Received: {len(state_dict)} keys, e.g. {sorted(state_dict)[:5]}"
         )
-    return tuple(state_dict[key].shape)
+    shape = tuple(np.shape(state_dict[key]))
+    if len(shape) != ndim:
+        raise CheckpointError(
+            f"Checkpoint tensor {key!r} must have {ndim} dimensions in an "
+            f"authors' CIFAR ResNet. Received: {key} of shape {shape}"
+        )
+    return shape
 
 
 def infer_architecture(state_dict):
@@ -150,7 +157,7 @@ def infer_architecture(state_dict):
         m = _BLOCK_KEY.match(key)
         if m:
             blocks[int(m.group(1))].add(int(m.group(2)))
-    stem = _shape_of(state_dict, "conv1.weight")
+    stem = _shape_of(state_dict, "conv1.weight", 4)
     if sorted(blocks) != [1, 2, 3] or stem[:2] != (16, 3):
         raise CheckpointError(
             "Not an authors' CIFAR ResNet: expected a 16-channel stem "
@@ -169,7 +176,7 @@ def infer_architecture(state_dict):
             f"Received: blocks per stage {counts}"
         )
     n = counts[1]
-    num_classes = _shape_of(state_dict, "fc.weight")[0]
+    num_classes = _shape_of(state_dict, "fc.weight", 2)[0]
     config = {"depth": 6 * n + 2, "num_classes": num_classes}
     decomposed = n > 1 and any(
         k.startswith("layer1.1.coeff_conv1.") for k in state_dict
@@ -177,14 +184,14 @@ def infer_architecture(state_dict):
     if not decomposed:
         return {**config, "share": False, "preprocessing": "imagenet"}
     if "shared_basis_1_1.weight" in state_dict:
-        sharing, s = "double", _shape_of(state_dict, "shared_basis_1_1.weight")[0]
+        sharing, s = "double", _shape_of(state_dict, "shared_basis_1_1.weight", 4)[0]
     elif "shared_basis_1.weight" in state_dict:
-        sharing, s = "single", _shape_of(state_dict, "shared_basis_1.weight")[0]
+        sharing, s = "single", _shape_of(state_dict, "shared_basis_1.weight", 4)[0]
     else:
         sharing, s = "single", 0
     u = 0
     if "layer1.1.basis_conv1.weight" in state_dict:
-        u = _shape_of(state_dict, "layer1.1.basis_conv1.weight")[0]
+        u = _shape_of(state_dict, "layer1.1.basis_conv1.weight", 4)[0]
     if s + u == 0:
         raise CheckpointError(
             "The decomposed blocks have neither a shared nor a unique basis. "
@@ -375,4 +382,3 @@ def save_authors_state_dict(model, path, format="legacy", extra=None):
     obj = {"net_state_dict": collections.OrderedDict(authors_state_dict(model))}
     obj.update(extra or {})
     write_checkpoint(obj, path, format=format)
-
