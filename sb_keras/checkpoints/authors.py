@@ -35,7 +35,15 @@ def _to_torch(array):
 
 
 def _bn_entries(prefix, bn):
-    return [(f"{prefix}.{t}", getattr(bn, k)) for t, k in _BN]
+    entries = [(f"{prefix}.{t}", getattr(bn, k)) for t, k in _BN]
+    counter = getattr(bn, "num_batches_tracked", None)  # TorchBatchNormalization
+    if counter is not None:
+        entries.append((f"{prefix}.num_batches_tracked", counter))
+    return entries
+
+
+def _is_counter(key):
+    return key.endswith(".num_batches_tracked")
 
 
 def _layout(model):
@@ -210,16 +218,22 @@ def infer_architecture(state_dict):
     }
 
 
-def convert_state_dict(state_dict, strict=True, name=None):
+def convert_state_dict(state_dict, strict=True, name=None, batchnorm="pytorch"):
     """Builds the `sb_keras.ResNet` of an authors' state dict, weights placed.
 
     Args:
         state_dict: ``{name: array}`` in the authors' layout (see
             `read_state_dict`).
         strict: refuse keys the model has no place for (``num_batches_tracked``
-            is always ignored).
+            is never refused).
         name: model name; defaults to the registry-style name
             (``resnet56_s16u1``).
+        batchnorm: the model's BatchNorm convention (`sb_keras.ResNet`).
+            `"pytorch"` (default) keeps training as the authors' code: the
+            running variance averages the unbiased batch variance and each
+            BN's ``num_batches_tracked`` is read from the checkpoint (0 where
+            it has none) and counted on. `"keras"` builds Keras BNs and
+            ignores ``num_batches_tracked``.
 
     Returns:
         The model, in inference mode equal to the authors' network in
@@ -242,10 +256,13 @@ def convert_state_dict(state_dict, strict=True, name=None):
     from sb_keras.models import ResNet
 
     config = infer_architecture(state_dict)
-    model = ResNet(**config, name=name)
+    model = ResNet(**config, batchnorm=batchnorm, name=name)
     placed = {}
     used = set()
     for key, variable in _layout(model):
+        if key not in state_dict and _is_counter(key):
+            placed[id(variable)] = (key, None)  # torch < 0.4.1: stays 0
+            continue
         if key not in state_dict:
             raise CheckpointError(
                 f"The checkpoint has no {key!r}, which {model.name} needs with "
@@ -260,7 +277,10 @@ def convert_state_dict(state_dict, strict=True, name=None):
                 f"{model.name} needs {expected} there (Keras variable "
                 f"{variable.path} {tuple(variable.shape)})."
             )
-        value = _to_keras(value.astype(np.float32))
+        if _is_counter(key):
+            value = _counter_value(key, value)
+        else:
+            value = _to_keras(value.astype(np.float32))
         used.add(key)
         if id(variable) in placed:
             first_key, first = placed[id(variable)]
@@ -292,6 +312,15 @@ def convert_state_dict(state_dict, strict=True, name=None):
     return model
 
 
+def _counter_value(key, value):
+    if not (np.issubdtype(value.dtype, np.integer) and 0 <= int(value) < 2**63):
+        raise CheckpointError(
+            f"Checkpoint tensor {key!r} must be a non-negative integer count. "
+            f"Received: {key}={value!r}"
+        )
+    return np.asarray(value, np.int64)
+
+
 def _torch_shape(variable):
     """Keras ``(kh, kw, in, out)`` -> PyTorch ``(out, in, kh, kw)``."""
     keras_shape = tuple(variable.shape)
@@ -301,7 +330,7 @@ def _torch_shape(variable):
     return tuple(reversed(keras_shape))
 
 
-def load_authors_checkpoint(path, strict=True, name=None):
+def load_authors_checkpoint(path, strict=True, name=None, batchnorm="pytorch"):
     """Reads an authors' CIFAR-10 checkpoint into the matching `sb_keras.ResNet`.
 
     The file is read without torch and without running code from it (see
@@ -315,6 +344,9 @@ def load_authors_checkpoint(path, strict=True, name=None):
         path: a ``.pth`` file of ``ssregibility/Net_RL2`` (legacy or zip).
         strict: refuse tensors the model has no place for.
         name: model name (default: registry-style, e.g. ``resnet56_s16u1``).
+        batchnorm: `"pytorch"` (default: fine-tuning continues as the
+            authors' training step, ``num_batches_tracked`` kept) or
+            `"keras"`; see `convert_state_dict`.
 
     Returns:
         The `sb_keras.ResNet`, ready for ``predict``, ``fit`` or ``save``.
@@ -326,7 +358,9 @@ def load_authors_checkpoint(path, strict=True, name=None):
     ...     "CIFAR10_ResNet56_S16U1_7.46err.pth.pth")  # doctest: +SKIP
     >>> logits = model.predict(uint8_images)  # doctest: +SKIP
     """
-    return convert_state_dict(read_state_dict(path), strict=strict, name=name)
+    return convert_state_dict(
+        read_state_dict(path), strict=strict, name=name, batchnorm=batchnorm
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -339,24 +373,29 @@ def authors_state_dict(model):
 
     Kernels are transposed to PyTorch's ``(out, in, kh, kw)``, the shared
     bases appear once per stage and once per using block (one array object,
-    as one tensor in the authors' model) and every BN gets a
-    ``num_batches_tracked`` of 0.
+    as one tensor in the authors' model) and every BN gets its
+    ``num_batches_tracked`` (int64): the count of a ``batchnorm="pytorch"``
+    model, 0 for a model with Keras BNs, which count nothing.
 
     Returns:
         A ``dict`` of NumPy arrays, in the authors' key order per stage.
     """
     _check_cifar_resnet(model)
+    layout = _layout(model)
+    counted = any(_is_counter(key) for key, _ in layout)
     state = {}
     arrays = {}
-    for key, variable in _layout(model):
+    for key, variable in layout:
         if id(variable) not in arrays:
-            value = np.asarray(variable.numpy(), dtype=np.float32)
-            arrays[id(variable)] = _to_torch(value)
+            if _is_counter(key):
+                arrays[id(variable)] = np.asarray(variable.numpy(), np.int64)
+            else:
+                value = np.asarray(variable.numpy(), dtype=np.float32)
+                arrays[id(variable)] = _to_torch(value)
         state[key] = arrays[id(variable)]
-        if key.endswith(".running_var"):
-            state[key[: -len("running_var")] + "num_batches_tracked"] = np.array(
-                0, dtype=np.int64
-            )
+        if key.endswith(".running_var") and not counted:
+            counter = key[: -len("running_var")] + "num_batches_tracked"
+            state[counter] = np.array(0, dtype=np.int64)
     return state
 
 
