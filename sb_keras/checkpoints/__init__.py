@@ -51,10 +51,10 @@ from sb_keras.checkpoints.authors import convert_state_dict
 from sb_keras.checkpoints.authors import infer_architecture
 from sb_keras.checkpoints.authors import load_authors_checkpoint
 from sb_keras.checkpoints.authors import save_authors_state_dict
-from sb_keras.checkpoints.reader import CheckpointError
-from sb_keras.checkpoints.reader import UnsafeCheckpointError
 from sb_keras.checkpoints.reader import read_checkpoint
 from sb_keras.checkpoints.reader import read_state_dict
+from sb_keras.checkpoints.unpickler import CheckpointError
+from sb_keras.checkpoints.unpickler import UnsafeCheckpointError
 from sb_keras.checkpoints.writer import write_checkpoint
 
 __all__ = [

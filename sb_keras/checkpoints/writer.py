@@ -9,9 +9,9 @@ import zipfile
 
 import numpy as np
 
-from sb_keras.checkpoints.reader import _DTYPE_STORAGES
 from sb_keras.checkpoints.reader import _LEGACY_MAGIC
 from sb_keras.checkpoints.reader import _LEGACY_PROTOCOL
+from sb_keras.checkpoints.unpickler import _DTYPE_STORAGES
 
 
 def write_checkpoint(obj, path, format="legacy"):
