@@ -142,6 +142,19 @@ def test_expanding_views_are_refused(tmp_path, size, stride):
     _assert_refused(ck.read_state_dict, path, r"'w'.*MAX_EXPANDED_ELEMENTS")
 
 
+def test_many_views_of_one_storage_are_bounded(tmp_path):
+    """1000 tensors viewing one 256 KiB storage would be 256 MiB of copies."""
+    numel = 2**16
+    view = _op_tensor("0", numel, (numel,), (1,))
+    payload = _state(*[(f"w{i}", view) for i in range(1000)])
+    path = _zip(tmp_path / "x.pt", payload, [("0", bytes(4 * numel))])
+    out, peak, seconds = _bounded(ck.read_state_dict, path)
+    assert isinstance(out, ck.CheckpointError), repr(out)
+    assert "MAX_COPIES=16" in str(out)
+    stated = 4 * (reader.MAX_COPIES * numel + reader.MAX_EXPANDED_ELEMENTS)
+    assert peak < stated + _MEMORY_BOUND and seconds < 20
+
+
 def test_small_expanding_view_is_read(tmp_path):
     """``expand`` within the bound still reads, with torch's values."""
     storage = np.arange(3, dtype=np.float32)

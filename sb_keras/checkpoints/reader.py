@@ -18,7 +18,9 @@ it works are bounded by the file itself:
   overlapping strides, as ``expand`` makes) only up to
   `MAX_EXPANDED_ELEMENTS`;
 * the unpickled object is walked with recursion bounded by `MAX_DEPTH`
-  levels, each shared object converted once, and cycles are refused.
+  levels, each shared object converted once, and cycles are refused;
+* all tensors together may hold at most `MAX_COPIES` times the elements of
+  the storages (many tensors may view one storage).
 """
 
 import io
@@ -44,6 +46,9 @@ MAX_COMPRESSION_RATIO = 64
 COMPRESSION_SLACK_BYTES = 2**20
 # Nesting levels of the saved object (a state dict in a dict has 3).
 MAX_DEPTH = 64
+# The tensors of a file may hold at most this many times the elements of its
+# storages (views share a storage; the authors' files: 1.8 times).
+MAX_COPIES = 16
 
 
 def _read_legacy(file, path):
@@ -103,7 +108,7 @@ def _read_legacy(file, path):
             storage.problem = (
                 f"its storage {storage.key!r} is missing (the file is truncated)"
             )
-    return result
+    return result, storages
 
 
 def _read_zip(path):
@@ -147,7 +152,7 @@ def _read_zip(path):
             raise CheckpointError(
                 f"Cannot read {path!r}: the zip archive is truncated or corrupt ({e})."
             ) from e
-    return result
+    return result, storages
 
 
 def _read_entry(archive, name, limit, path):
@@ -177,18 +182,26 @@ def _read_entry(archive, name, limit, path):
         return entry.read(min(limit, bound))
 
 
-def _materialize(obj, name, depth=0, done=None, active=None):
+def _materialize(obj, name, depth, done, active, budget):
     """The unpickled object with every tensor as a NumPy array.
 
     Recursion is bounded by `MAX_DEPTH`; an object referenced several
     times (the pickle memo) is converted once and stays shared, so a
     pickle of lists of references to lists cannot make the walk
-    exponential; a cycle is refused.
+    exponential; a cycle is refused. ``budget`` (a one-element list) is
+    the number of tensor elements left to materialize (`MAX_COPIES`).
     """
-    if done is None:
-        done, active = {}, set()
     if isinstance(obj, _Tensor):
         if id(obj) not in done:
+            numel = obj.check_expansion(name)
+            if numel > budget[0]:
+                raise CheckpointError(
+                    f"Tensor {name!r} of shape {obj.shape} exceeds what the "
+                    f"file's storages allow: its tensors may hold at most "
+                    f"MAX_COPIES={MAX_COPIES} times their stored elements "
+                    "(many tensors viewing one storage)."
+                )
+            budget[0] -= numel
             done[id(obj)] = obj.to_numpy(name)
         return done[id(obj)]
     if not isinstance(obj, (dict, list, tuple)):
@@ -208,18 +221,14 @@ def _materialize(obj, name, depth=0, done=None, active=None):
             "levels deep."
         )
     active.add(id(obj))
+    args = (depth + 1, done, active, budget)
     if isinstance(obj, dict):
         out = {
-            k: _materialize(
-                v, f"{name}/{k}" if name else str(k), depth + 1, done, active
-            )
+            k: _materialize(v, f"{name}/{k}" if name else str(k), *args)
             for k, v in obj.items()
         }
     else:
-        out = [
-            _materialize(v, f"{name}[{i}]", depth + 1, done, active)
-            for i, v in enumerate(obj)
-        ]
+        out = [_materialize(v, f"{name}[{i}]", *args) for i, v in enumerate(obj)]
         if isinstance(obj, tuple):
             out = tuple(out)
     active.discard(id(obj))
@@ -261,16 +270,18 @@ def read_checkpoint(path):
     with open(path, "rb") as f:
         head = f.read(4)
         if head == _ZIP_MAGIC:
-            result = _read_zip(path)
+            result, storages = _read_zip(path)
         elif head[:2] == b"\x80\x02":
             f.seek(0)
-            result = _read_legacy(f, path)
+            result, storages = _read_legacy(f, path)
         else:
             raise CheckpointError(
                 f"{path!r} is neither a zip nor a legacy PyTorch checkpoint "
                 f"(first bytes {head!r})."
             )
-    return _materialize(result, "")
+    stored = sum(storage.numel for storage in storages.values())
+    budget = [MAX_COPIES * stored + MAX_EXPANDED_ELEMENTS]
+    return _materialize(result, "", 0, {}, set(), budget)
 
 
 _STATE_DICT_KEYS = ("net_state_dict", "state_dict", "model_state_dict", "model")

@@ -120,6 +120,20 @@ class _Tensor(_Sealed):
         self.shape = shape
         self.stride = stride
 
+    def check_expansion(self, name):
+        """Refuses a view with more elements than its storage, beyond the bound."""
+        numel = math.prod(self.shape)
+        stored = self.storage.numel
+        if numel > stored and numel > MAX_EXPANDED_ELEMENTS:
+            raise CheckpointError(
+                f"Tensor {name!r} of shape {self.shape} (stride {self.stride}) "
+                f"has {numel} elements but its storage {self.storage.key!r} holds "
+                f"{stored}: a stride-0 or overlapping view may expand its "
+                f"storage to at most MAX_EXPANDED_ELEMENTS={MAX_EXPANDED_ELEMENTS} "
+                "elements."
+            )
+        return numel
+
     def to_numpy(self, name):
         storage = self.storage
         if storage.data is None:
@@ -130,15 +144,7 @@ class _Tensor(_Sealed):
         data = storage.data
         if 0 in self.shape:
             return np.zeros(self.shape, dtype=data.dtype)
-        numel = math.prod(self.shape)
-        if numel > len(data) and numel > MAX_EXPANDED_ELEMENTS:
-            raise CheckpointError(
-                f"Tensor {name!r} of shape {self.shape} (stride {self.stride}) "
-                f"has {numel} elements but its storage {storage.key!r} holds "
-                f"{len(data)}: a stride-0 or overlapping view may expand its "
-                f"storage to at most MAX_EXPANDED_ELEMENTS={MAX_EXPANDED_ELEMENTS} "
-                "elements."
-            )
+        self.check_expansion(name)
         last = self.offset + sum((n - 1) * s for n, s in zip(self.shape, self.stride))
         if last >= len(data):
             raise CheckpointError(
