@@ -20,11 +20,12 @@ def good_model_file(tmp_path_factory):
     return path
 
 
-def _rewrite(source, target, change):
+def _rewrite(source, target, change, compression=zipfile.ZIP_STORED):
     """Copies the archive ``source`` to ``target``, entries through ``change``."""
     with zipfile.ZipFile(source) as z, zipfile.ZipFile(target, "w") as out:
         for info in z.infolist():
-            out.writestr(info, change(info.filename, z.read(info.filename)))
+            data = change(info.filename, z.read(info.filename))
+            out.writestr(info.filename, data, compress_type=compression)
     return str(target)
 
 
@@ -50,11 +51,17 @@ def test_truncated_archive(good_model_file, tmp_path):
     _assert_fails_fast(path, r"not a complete \.keras \(zip\) archive")
 
 
-def test_truncated_inner_weights_file(good_model_file, tmp_path):
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
+def test_truncated_inner_weights_file(good_model_file, tmp_path, compression):
+    intact = _rewrite(
+        good_model_file, tmp_path / "intact.keras", lambda n, d: d, compression
+    )
+    saving.validate_model_file(intact)
     path = _rewrite(
         good_model_file,
         tmp_path / "weights.keras",
         lambda name, data: data[: len(data) // 2] if name.endswith(".h5") else data,
+        compression,
     )
     _assert_fails_fast(path, r"model\.weights\.h5 is truncated or corrupt")
 
