@@ -48,7 +48,6 @@ def atomic_path(path):
     try:
         yield tmp
         _fsync_file(tmp)
-        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
