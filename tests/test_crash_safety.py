@@ -15,9 +15,12 @@ Each run is a fork of one process that imported TensorFlow once
 spend most of the test importing TensorFlow.
 """
 
+import collections
+import concurrent.futures
 import io
 import json
 import os
+import queue
 import random
 import shutil
 import signal
@@ -41,6 +44,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INJECTOR = os.path.join(REPO, "tests", "crash_injector")
 EPOCHS = 2
 RANDOM_KILLS = 5
+WORKERS = min(2, os.cpu_count() or 1)  # runs in flight at once
+Run = collections.namedtuple("Run", "rc start text cpu")
+CPU_SECONDS = []  # of every training run, to size this file's cost
 
 
 def _env(**extra):
@@ -101,7 +107,8 @@ class Zygote:
         )
 
     def run(self, config, log, kill_after=None, **env):
-        """Runs ``train(config)``; returns (exit code, start time, its output)."""
+        """Runs ``train(config)``; returns a `Run` (exit code, start time,
+        its output, its CPU seconds)."""
         request = {"config": config, "env": env, "log": str(log)}
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
@@ -115,20 +122,48 @@ class Zygote:
                 pass
         line = self.proc.stdout.readline()
         assert line, "the zygote died"
-        rc = json.loads(line)["rc"]
+        done = json.loads(line)
+        CPU_SECONDS.append(done["cpu"])
         with open(log) as f:
-            return rc, start, f.read()
+            return Run(done["rc"], start, f.read(), done["cpu"])
 
     def close(self):
         self.proc.stdin.close()
         self.proc.wait(60)
 
 
+class Pool:
+    """`WORKERS` zygotes; `map` runs independent cases on them at once."""
+
+    def __init__(self):
+        self.zygotes = [Zygote() for _ in range(WORKERS)]
+        self.free = queue.Queue()
+        for z in self.zygotes:
+            self.free.put(z)
+
+    def run(self, *args, **kwargs):
+        z = self.free.get()
+        try:
+            return z.run(*args, **kwargs)
+        finally:
+            self.free.put(z)
+
+    def map(self, fn, items):
+        """``fn(item)`` for every item; returns the non-None results."""
+        with concurrent.futures.ThreadPoolExecutor(WORKERS) as ex:
+            return [r for r in ex.map(fn, items) if r is not None]
+
+    def close(self):
+        for z in self.zygotes:
+            z.close()
+
+
 @pytest.fixture(scope="module")
 def zygote():
-    z = Zygote()
-    yield z
-    z.close()
+    pool = Pool()
+    yield pool
+    pool.close()
+    print(f"\n{len(CPU_SECONDS)} training runs, {sum(CPU_SECONDS):.0f} CPU s")
 
 
 def _read_ops(path):
@@ -194,13 +229,13 @@ def reference(tmp_path_factory, data_dir, zygote):
     folder = tmp_path_factory.mktemp("reference")
     output = folder / "run"
     ops = folder / "ops.tsv"
-    rc, start, text = zygote.run(
+    run = zygote.run(
         _config(data_dir, output),
         folder / "log.txt",
         SB_CRASH_ROOT=str(output),
         SB_CRASH_LOG=str(ops),
     )
-    assert rc == 0, text[-3000:]
+    assert run.rc == 0, run.text[-3000:]
     files, log, metrics, temporaries = _outcome(str(output))
     assert not temporaries
     assert [len(v) for v in metrics["history"].values()] == [EPOCHS] * len(
@@ -210,24 +245,32 @@ def reference(tmp_path_factory, data_dir, zygote):
     return {
         "output": str(output),
         "ops": _read_ops(ops),
-        "start": start,
-        "seconds": time.time() - start,
+        "start": run.start,
+        "seconds": time.time() - run.start,
         "files": files,
         "log": log,
         "metrics": metrics,
     }
 
 
-def _assert_same_as(reference, output, what):
+def _differences(reference, output, what):
+    """None if ``output`` ended as the reference did, else what differs."""
     files, log, metrics, temporaries = _outcome(output)
-    assert not temporaries, f"{what}: temporary files left: {temporaries}"
+    if temporaries:
+        return f"{what}: temporary files left: {temporaries}"
     for name, arrays in reference["files"].items():
-        assert sorted(files[name]) == sorted(arrays), f"{what}: {name} variables"
+        if sorted(files[name]) != sorted(arrays):
+            return f"{what}: the variables of {name} differ"
         for key, value in arrays.items():
-            assert np.array_equal(files[name][key], value), f"{what}: {name} {key}"
-    assert log == reference["log"], f"{what}: log.csv differs"
-    assert metrics["history"] == reference["metrics"]["history"], what
-    assert metrics["test_accuracy"] == reference["metrics"]["test_accuracy"], what
+            if not np.array_equal(files[name][key], value):
+                return f"{what}: {name} {key} differs"
+    if log != reference["log"]:
+        return f"{what}: log.csv differs: {log!r}"
+    if metrics["history"] != reference["metrics"]["history"]:
+        return f"{what}: metrics.json history differs: {metrics['history']}"
+    if metrics["test_accuracy"] != reference["metrics"]["test_accuracy"]:
+        return f"{what}: test accuracy differs"
+    return None
 
 
 def _last_boundary(ops):
@@ -245,32 +288,53 @@ def test_sigkill_at_each_file_operation_of_an_epoch_boundary(
     kinds = {op.split("(")[0] for n, _, op, _ in reference["ops"] if n in sweep}
     assert {"open", "h5py.File", "fsync", "replace"} <= kinds, kinds
     names = {n: f"{op} {p}" for n, _, op, p in reference["ops"]}
-    for n in sweep:
+
+    def case(n):
+        what = f"kill before op {n} ({names[n]})"
         output = tmp_path / f"kill{n}"
         config = _config(data_dir, output)
-        rc, _, text = zygote.run(
-            config, tmp_path / f"kill{n}.txt", SB_CRASH_ROOT=str(output), SB_CRASH_AT=n
+        run = zygote.run(
+            config,
+            tmp_path / f"kill{n}.txt",
+            SB_CRASH_ROOT=str(output),
+            SB_CRASH_AT=str(n),
         )
-        assert rc == -signal.SIGKILL, f"op {n} ({names[n]}): {text[-3000:]}"
-        rc, _, text = zygote.run(config, tmp_path / f"rerun{n}.txt")
-        assert rc == 0, f"rerun after a kill at op {n} ({names[n]}): {text[-3000:]}"
-        assert "skipped" not in text  # atomic writes: nothing is ever damaged
-        _assert_same_as(reference, str(output), f"kill before op {n} ({names[n]})")
+        if run.rc != -signal.SIGKILL:
+            return f"{what}: exit code {run.rc}: {run.text[-2000:]}"
+        run = zygote.run(config, tmp_path / f"rerun{n}.txt")
+        if run.rc != 0:
+            return f"{what}: the rerun failed: {run.text[-2000:]}"
+        if "skipped" in run.text:  # atomic writes: nothing is ever damaged
+            return f"{what}: the rerun skipped a state: {run.text[-2000:]}"
+        return _differences(reference, str(output), what)
+
+    errors = zygote.map(case, sweep)
+    assert not errors, "\n".join(errors)
 
 
+@pytest.mark.slow  # 10 more training runs
 def test_sigkill_at_random_instants(reference, data_dir, zygote, tmp_path):
     # From late in the first epoch to the end of the run.
     first_save = reference["ops"][0][1] - reference["start"]
     rng = random.Random(20261130)
-    for i in range(RANDOM_KILLS):
-        delay = rng.uniform(0.8 * first_save, reference["seconds"])
+    delays = [
+        rng.uniform(0.8 * first_save, reference["seconds"]) for _ in range(RANDOM_KILLS)
+    ]
+
+    def case(i):
+        what = f"kill at {delays[i]:.2f} s"
         output = tmp_path / f"random{i}"
         config = _config(data_dir, output)
-        rc, _, text = zygote.run(config, tmp_path / f"r{i}.txt", kill_after=delay)
-        assert rc in (0, -signal.SIGKILL), text[-3000:]
-        rc, _, text = zygote.run(config, tmp_path / f"r{i}b.txt")
-        assert rc == 0, f"rerun after a kill at {delay:.2f} s: {text[-3000:]}"
-        _assert_same_as(reference, str(output), f"kill at {delay:.2f} s")
+        run = zygote.run(config, tmp_path / f"r{i}.txt", kill_after=delays[i])
+        if run.rc not in (0, -signal.SIGKILL):
+            return f"{what}: exit code {run.rc}: {run.text[-2000:]}"
+        run = zygote.run(config, tmp_path / f"r{i}b.txt")
+        if run.rc != 0:
+            return f"{what}: the rerun failed: {run.text[-2000:]}"
+        return _differences(reference, str(output), what)
+
+    errors = zygote.map(case, range(RANDOM_KILLS))
+    assert not errors, "\n".join(errors)
 
 
 def test_damaged_state_is_skipped_and_named(reference, data_dir, zygote, tmp_path):
@@ -280,10 +344,10 @@ def test_damaged_state_is_skipped_and_named(reference, data_dir, zygote, tmp_pat
     with open(newest, "r+b") as f:
         f.truncate(96)  # what an in-place writer leaves when killed
     os.remove(output / "metrics.json")
-    rc, _, text = zygote.run(_config(data_dir, output), tmp_path / "log.txt")
-    assert rc == 0, text[-3000:]
-    assert f"skipped the training state {newest}" in text
-    _assert_same_as(reference, str(output), "resumed past a damaged state")
+    run = zygote.run(_config(data_dir, output), tmp_path / "log.txt")
+    assert run.rc == 0, run.text[-3000:]
+    assert f"skipped the training state {newest}" in run.text
+    assert _differences(reference, str(output), "damaged state") is None
     with open(output / "metrics.json") as f:
         assert json.load(f)["resumed_at_epoch"] == EPOCHS - 1
 

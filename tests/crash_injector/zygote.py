@@ -8,8 +8,9 @@ on the path; the children set its variables.
 
 Protocol, one JSON object per line: a request on stdin
 ``{"config": {...TrainConfig...}, "env": {...}, "log": path}``; on stdout
-``{"pid": n}`` when the child starts, then ``{"pid": n, "rc": code}`` (a
-negative code is the signal that killed it).
+``{"pid": n}`` when the child starts, then ``{"pid": n, "rc": code, "cpu":
+seconds}`` (a negative code is the signal that killed it; the child's CPU
+time).
 """
 
 import json
@@ -26,20 +27,20 @@ from sb_keras.training import train
 
 
 def _child(request):
-    os.environ.update(request["env"])
-    fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    code = 0
+    code = 1
     try:
+        os.environ.update({k: str(v) for k, v in request["env"].items()})
+        fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
         train(TrainConfig(**request["config"]))
+        code = 0
     except BaseException:  # report it, whatever it is
         traceback.print_exc()
-        code = 1
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
-    os._exit(code)
+        os._exit(code)
 
 
 def main():
@@ -49,9 +50,10 @@ def main():
         if pid == 0:
             _child(request)
         print(json.dumps({"pid": pid}), flush=True)
-        _, status = os.waitpid(pid, 0)
+        _, status, usage = os.wait4(pid, 0)
         rc = os.waitstatus_to_exitcode(status)
-        print(json.dumps({"pid": pid, "rc": rc}), flush=True)
+        cpu = usage.ru_utime + usage.ru_stime
+        print(json.dumps({"pid": pid, "rc": rc, "cpu": cpu}), flush=True)
 
 
 if __name__ == "__main__":
