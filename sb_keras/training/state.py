@@ -17,6 +17,7 @@ import os
 import re
 import sys
 import time
+import zipfile
 
 import keras
 import numpy as np
@@ -239,6 +240,31 @@ class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
                     self.model.save_weights(tmp, overwrite=True)
                 else:
                     self.model.save(tmp, overwrite=True)
+
+
+def finished_metrics(output, resume):
+    """The metrics of a finished run whose files are all complete, or None.
+
+    Complete: ``metrics.json`` parses and holds the state's history,
+    ``model.keras`` is a readable zip, and ``log.csv`` is the history's.
+    """
+    raw = io_utils.read_bytes(os.path.join(output, "metrics.json"))
+    try:
+        metrics = json.loads(raw) if raw is not None else None
+    except ValueError:
+        return None
+    if not isinstance(metrics, dict) or metrics.get("history") != resume.history:
+        return None
+    try:
+        with zipfile.ZipFile(os.path.join(output, "model.keras")) as z:
+            if z.testzip() is not None:
+                return None
+    except (OSError, zipfile.BadZipFile):
+        return None
+    csv_text = history_csv(resume.history).encode()
+    if io_utils.read_bytes(os.path.join(output, "log.csv")) != csv_text:
+        return None
+    return metrics
 
 
 def describe_kept(output):

@@ -249,12 +249,13 @@ def train(config=None, callbacks=(), **overrides):
     from sb_keras.training import recipe
     from sb_keras.training import state
 
-    for folder in (output, os.path.join(output, "checkpoints"), backup_dir(output)):
+    backup_dir = os.path.join(output, "backup")
+    for folder in (output, os.path.join(output, "checkpoints"), backup_dir):
         io_utils.remove_temporaries(folder)  # left by a killed writer
-    resume = state.find_resume_state(backup_dir(output))
+    resume = state.find_resume_state(backup_dir)
     initial_epoch = resume.epoch if resume else 0
     if resume is not None and resume.epoch == config.epochs:
-        finished = _finished_metrics(output, resume)
+        finished = state.finished_metrics(output, resume)
         if finished is not None:  # a rerun of a finished run changes nothing
             return finished
     if config.dataset == "imagenet":
@@ -321,41 +322,6 @@ def train(config=None, callbacks=(), **overrides):
         json.dumps(metrics, indent=2),
         if_changed=True,
     )
-    return metrics
-
-
-def backup_dir(output):
-    """The folder of the resumable states of the run in ``output``."""
-    return os.path.join(output, "backup")
-
-
-def _finished_metrics(output, resume):
-    """The metrics of a finished run whose files are all complete, or None.
-
-    Complete: ``metrics.json`` parses and holds the state's history,
-    ``model.keras`` is a readable zip, and ``log.csv`` is the history's.
-    """
-    import zipfile
-
-    from sb_keras import io_utils
-    from sb_keras.training import state
-
-    raw = io_utils.read_bytes(os.path.join(output, "metrics.json"))
-    try:
-        metrics = json.loads(raw) if raw is not None else None
-    except ValueError:
-        return None
-    if not isinstance(metrics, dict) or metrics.get("history") != resume.history:
-        return None
-    try:
-        with zipfile.ZipFile(os.path.join(output, "model.keras")) as z:
-            if z.testzip() is not None:
-                return None
-    except (OSError, zipfile.BadZipFile):
-        return None
-    csv_text = state.history_csv(resume.history).encode()
-    if io_utils.read_bytes(os.path.join(output, "log.csv")) != csv_text:
-        return None
     return metrics
 
 
