@@ -206,8 +206,8 @@ def adapt(
     )
     data = (
         tf.data.Dataset.from_tensor_slices((x, y))
+        .shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
         .repeat()
-        .shuffle(min(len(x), 10_000), seed=seed)
         .batch(batch_size, drop_remainder=len(x) >= batch_size)
     )
     history = model.fit(
