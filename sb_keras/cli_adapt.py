@@ -41,11 +41,18 @@ def support_set(x, y, classes, shots, seed=0):
     return x[index], np.repeat(np.arange(len(classes)), shots)
 
 
-def episode_test_set(x, y, classes):
-    """The test images of ``classes`` with labels relabelled ``0..n-1``."""
+def episode_test_set(x, y, classes, limit=None, seed=0):
+    """The test images of ``classes`` with labels relabelled ``0..n-1``.
+
+    With ``limit``, a seeded random subset of that many images (the
+    CIFAR-10 files are sorted by class, so a prefix would hold one class).
+    """
     import numpy as np
 
-    keep = np.isin(y, classes)
+    keep = np.flatnonzero(np.isin(y, classes))
+    if limit is not None and limit < len(keep):
+        rng = np.random.default_rng(seed)
+        keep = np.sort(rng.choice(keep, limit, replace=False))
     lookup = {c: i for i, c in enumerate(classes)}
     return x[keep], np.array([lookup[int(c)] for c in y[keep]], dtype="int64")
 
@@ -109,9 +116,7 @@ def run(args):
         seed=args.seed,
     )
     xt, yt = data.load_arrays(args.dataset, "test", data_dir=args.data_dir)
-    xt, yt = episode_test_set(xt, yt, classes)
-    if args.test_limit:
-        xt, yt = xt[: args.test_limit], yt[: args.test_limit]
+    xt, yt = episode_test_set(xt, yt, classes, limit=args.test_limit)
     logits = adapted.predict(xt, batch_size=200, verbose=0)
     accuracy = float(np.mean(np.argmax(logits, -1) == yt))
     save_atomic(adapted, args.output)

@@ -8,6 +8,12 @@ a new classifier) on a small support set; `export_ondevice_training` writes a
 
 from sb_keras.adaptation.core import adapt
 from sb_keras.adaptation.core import replace_head
+from sb_keras.adaptation.ondevice import export_ondevice_training
 from sb_keras.models.acdc_resnet.adaptation import freeze_all_but_atoms
 
-__all__ = ["adapt", "freeze_all_but_atoms", "replace_head"]
+__all__ = [
+    "adapt",
+    "export_ondevice_training",
+    "freeze_all_but_atoms",
+    "replace_head",
+]

@@ -29,7 +29,7 @@ def _check_count(name, value):
 
 
 def replace_head(model, num_classes, seed=None):
-    """The model with a new zero-initialized classifier of ``num_classes``.
+    """The model with a new (Glorot-initialized) classifier of ``num_classes``.
 
     The last `Dense` layer (the classifier) is replaced; everything before
     it is shared with ``model`` (same layers, same variables). The new head
