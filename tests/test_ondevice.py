@@ -17,7 +17,8 @@ from ai_edge_litert.interpreter import Interpreter  # noqa: E402
 
 BATCH, CLASSES, LR = 4, 4, 0.05
 # Relative tolerance of the LiteRT weights after the steps vs Keras: float32
-# convolutions summed in another order.
+# convolutions summed in another order (measured: 1.7e-5 of the update,
+# 1.2e-6 of the weights, atoms + BN + head, 3 steps).
 UPDATE_RTOL = 1e-3
 WEIGHT_RTOL = 1e-5
 
@@ -48,7 +49,7 @@ def exported(tmp_path_factory):
     model = tiny_model()
     path = str(tmp_path_factory.mktemp("ondevice") / "train.tflite")
     names = ondevice.export_ondevice_training(
-        model, path, batch_size=BATCH, learning_rate=LR, batchnorm=True
+        model, path, batch_size=BATCH, learning_rate=LR, batchnorm=True, classifier=True
     )
     weights = [np.array(w) for w in model.get_weights()]
     return path, names, weights
@@ -58,7 +59,7 @@ def keras_steps(weights, x, y):
     """The same SGD steps in Keras (TensorFlow's own gradients, eager)."""
     model = tiny_model()
     model.set_weights(weights)
-    variables = ondevice.trainable_variables(model, batchnorm=True)
+    variables = ondevice.trainable_variables(model, batchnorm=True, classifier=True)
     optimizer = keras.optimizers.SGD(LR)
     for xb, yb in zip(x, y):
         with tf.GradientTape() as tape:
