@@ -23,9 +23,13 @@ UPDATE_RTOL = 1e-3
 WEIGHT_RTOL = 1e-5
 
 
-def tiny_model():
+def tiny_model(route="auto"):
     model = sb_keras.ACDCResNet(
-        depth=8, sharing="network", num_classes=CLASSES, input_shape=(16, 16, 3)
+        depth=8,
+        sharing="network",
+        num_classes=CLASSES,
+        input_shape=(16, 16, 3),
+        route=route,
     )
     rng = np.random.RandomState(3)
     for layer in model._flatten_layers():
@@ -55,11 +59,11 @@ def exported(tmp_path_factory):
     return path, names, weights
 
 
-def keras_steps(weights, x, y):
+def keras_steps(weights, x, y, route="auto", batchnorm=True, classifier=True):
     """The same SGD steps in Keras (TensorFlow's own gradients, eager)."""
-    model = tiny_model()
+    model = tiny_model(route)
     model.set_weights(weights)
-    variables = ondevice.trainable_variables(model, batchnorm=True, classifier=True)
+    variables = ondevice.trainable_variables(model, batchnorm, classifier)
     optimizer = keras.optimizers.SGD(LR)
     for xb, yb in zip(x, y):
         with tf.GradientTape() as tape:
@@ -105,6 +109,29 @@ def test_litert_steps_match_keras(exported):
     logits = infer(x=images)["logits"]
     expected = model.predict(images, verbose=0)
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_atom_route_steps_match_keras(tmp_path):
+    # The tiny model runs the kernel route; the atom route (the one for small
+    # files) convolves with the atoms directly: another gradient path.
+    model = tiny_model(route="atoms")
+    path = str(tmp_path / "atoms.tflite")
+    names = ondevice.export_ondevice_training(
+        model, path, batch_size=BATCH, learning_rate=LR
+    )
+    weights = [np.array(w) for w in model.get_weights()]
+    runner = Interpreter(model_path=path).get_signature_runner
+    before = runner("save")()
+    x, y = batches(3)
+    for xb, yb in zip(x, y):
+        runner("train")(x=xb, y=yb)
+    after = runner("save")()
+    _, variables = keras_steps(weights, x, y, "atoms", False, False)
+    for name, v in zip(names, variables):
+        ref = np.array(v)
+        update = np.abs(ref - before[name]).max()
+        assert np.abs(after[name] - ref).max() <= UPDATE_RTOL * update, name
 
 
 def test_save_restore_round_trip(exported):
