@@ -154,10 +154,10 @@ def adapt(
     Example:
 
     >>> import numpy as np, sb_keras
+    >>> from sb_keras.adaptation import adapt
     >>> model = sb_keras.ACDCResNet(depth=8, sharing="network")
     >>> x = np.zeros((4, 32, 32, 3), "uint8"); y = np.array([0, 1, 0, 1])
-    >>> adapted, history = sb_keras.adaptation.adapt(model, x, y, steps=1,
-    ...                                              num_classes=2)
+    >>> adapted, history = adapt(model, x, y, steps=1, num_classes=2)
     >>> adapted.output_shape
     (None, 2)
     """

@@ -16,6 +16,16 @@ gradients made of builtin ops while a training function is traced:
 
 The input gradient of a convolution stays TensorFlow's
 ``Conv2DBackpropInput``, which the converter lowers to TRANSPOSE_CONV.
+
+TensorFlow has no public way to override an op's gradient under
+``tf.GradientTape`` (``gradient_override_map`` is ignored by the tape), so
+the swap edits TensorFlow's private gradient registry for the duration of
+the ``with`` block and restores it after; the replacement gradients are
+mathematically equal to the originals (tested against them), so another
+thread tracing meanwhile still gets correct gradients. Cases the rewrites
+do not cover (NCHW, dilated or non-square-strided convolutions, dynamic
+shapes, masked slices) fall back to TensorFlow's gradient, and the export
+then fails its builtin-ops check with the op named.
 """
 
 import contextlib
