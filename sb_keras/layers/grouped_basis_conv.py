@@ -88,7 +88,8 @@ class GroupedBasisConv2D(keras.layers.Layer):
         self.kernel_size = check_positive_int("kernel_size", kernel_size)
         if activation not in (None, "relu"):
             raise ValueError(
-                f"`activation` must be None or 'relu'. Received: activation={activation!r}"
+                "`activation` must be None or 'relu'. "
+                f"Received: activation={activation!r}"
             )
         self.activation = activation
         if not isinstance(output_bn, bool):
