@@ -226,7 +226,7 @@ def _bases(anchor, spec):
         return []
     s, n = spec["shared_rank"], len(spec["blocks"])
     channels = 4 * spec["growth_rate"]
-    normalizer = regularizers.shared_entry_count([s] * n)
+    normalizer = n * regularizers.shared_entry_count([s])  # separate bases
     return [
         FilterBasis(
             rank=s,

@@ -166,8 +166,10 @@ class ResNeXt(Backbone):
         normalizer = 0
         if share:
             ranks = [spec["shared_rank"] * 2**g for g, n in enumerate(spec["blocks"])]
-            normalizer = regularizers.shared_entry_count(
-                [r for r, n in zip(ranks, spec["blocks"]) if n > 1]
+            normalizer = sum(
+                regularizers.shared_entry_count([r])  # separate bases
+                for r, n in zip(ranks, spec["blocks"])
+                if n > 1
             )
         for g, (n, planes) in enumerate(zip(spec["blocks"], spec["widths"])):
             stage = f"stage{g + 1}"
