@@ -127,7 +127,7 @@ def test_model_export_litert_stores_each_basis_once(tmp_path):
     assert np.abs(out - reference).max() <= 1e-4 * max(1.0, np.abs(reference).max())
 
 
-def test_model_export_options(tmp_path):
+def test_model_export_options(tmp_path, capsys):
     model = sb_keras.ResNet(depth=8)
     path = str(tmp_path / "m.tflite")
     with pytest.raises(ValueError, match="Received: optimizations="):
@@ -137,5 +137,8 @@ def test_model_export_options(tmp_path):
     with pytest.raises(ValueError, match="Received: input_signature="):
         model.export(path, format="litert", input_signature=[None])
     assert not os.path.exists(path)
-    content = model.export(path, format="litert", layout="folded", verbose=False)
+    # "auto" measures both layouts and says which one it wrote.
+    content = model.export(path, format="litert", layout="auto")
+    said = capsys.readouterr().out
+    assert any(f"(layout {layout!r})" in said for layout in export.LAYOUTS), said
     assert "CONV_2D" in export.op_names(content)

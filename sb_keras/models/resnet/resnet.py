@@ -3,6 +3,7 @@
 from sb_keras import regularizers
 from sb_keras.api_export import sb_export
 from sb_keras.layers import FilterBasis
+from sb_keras.layers.batch_norm import check_batchnorm
 from sb_keras.models import arguments as checks
 from sb_keras.models.backbone import Backbone
 from sb_keras.models.backbone import image_input
@@ -97,6 +98,12 @@ class ResNet(Backbone):
             CIFAR-stem ResNet-18/34.
         orthogonality: lambda of the orthogonality penalty. Defaults to `10`.
         orthogonality_include_unique: use the CIFAR-10 variant of the penalty.
+        batchnorm: `"keras"` (default) or `"pytorch"`: how every BatchNorm
+            updates its running statistics in training. `"pytorch"` (the
+            default of the models converted from the authors' checkpoints)
+            averages the unbiased batch variance and counts
+            ``num_batches_tracked``, as ``torch.nn.BatchNorm2d``; see
+            `sb_keras.layers.TorchBatchNormalization`.
         name: model name.
         dtype: the dtype policy the layers are built under (e.g.
             `"mixed_bfloat16"`); None (default) takes the global policy. It
@@ -131,6 +138,7 @@ class ResNet(Backbone):
         preprocessing="auto",
         orthogonality=10.0,
         orthogonality_include_unique=False,
+        batchnorm="keras",
         name=None,
         dtype=None,
         **kwargs,
@@ -166,13 +174,15 @@ class ResNet(Backbone):
             "orthogonality_include_unique": checks.check_bool(
                 "orthogonality_include_unique", args["orthogonality_include_unique"]
             ),
+            "batchnorm": check_batchnorm(args["batchnorm"]),
         }
 
     @classmethod
     def _build_graph(cls, spec):
         inputs, x = image_input(spec["input_shape"], spec["preprocessing"])
         builder = _build_cifar if spec["family"] == "cifar" else _build_imagenet
-        outputs = builder(x, spec, spec["orthogonality_include_unique"])
+        with blocks.batchnorm_convention(spec["batchnorm"]):
+            outputs = builder(x, spec, spec["orthogonality_include_unique"])
         if spec["include_top"]:
             outputs = blocks.classifier(
                 outputs, spec["num_classes"], spec["classifier_activation"]
