@@ -147,3 +147,17 @@ def test_keras_round_trip_keeps_each_basis_one_variable(tmp_path):
     )
     assert sb_keras.count_params(loaded) == sb_keras.count_params(model)
     assert len([v for v in loaded.weights if v.path.endswith("/basis")]) == 2
+
+
+def test_pytorch_default_initialization_of_the_convs():
+    model = small(share=True, shared_rank=8, unique_rank=4)
+    for layer in model.layers:
+        if isinstance(layer, GroupedBasisConv2D):
+            w = np.asarray(layer.unique_kernel)
+        elif isinstance(layer, keras.layers.Conv2D):
+            w = np.asarray(layer.kernel)
+        else:
+            continue
+        bound = 1.0 / np.sqrt(np.prod(w.shape[:3]))  # fan_in, grouped too
+        assert np.abs(w).max() <= bound + 1e-7, layer.name
+        assert np.abs(w).max() > 0.5 * bound, layer.name

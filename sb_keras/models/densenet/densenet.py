@@ -19,12 +19,12 @@ BN_EPSILON = 1e-5
 class DenseNet(Backbone):
     """DenseNet-BC for CIFAR whose bottleneck 3x3 convs share filter bases.
 
-    The plain model is the authors' (kuangliu-style) CIFAR DenseNet-121:
-    a 3x3 stem conv (3 -> 2 * growth), dense blocks of BN-ReLU-1x1
-    (-> 4 * growth)-BN-ReLU-3x3 (-> growth) bottleneck layers whose output
-    is concatenated *before* their input, transitions BN-ReLU-1x1
-    (compression 0.5)-avg-pool 2, then BN-ReLU, global pooling and the
-    classifier: 7,048,548 parameters with 100 classes.
+    The plain model is the authors' CIFAR DenseNet-121: a 3x3 stem conv
+    (3 -> 2 * growth), dense blocks of BN-ReLU-1x1 (-> 4 * growth)-BN-ReLU-3x3
+    (-> growth) bottleneck layers whose output is appended after their input
+    channels, transitions BN-1x1 (compression 0.5)-avg-pool 2 (no ReLU, as
+    their code), then BN-ReLU, global pooling and the classifier: 7,048,548
+    parameters with 100 classes.
 
     With ``share=True`` every bottleneck's 3x3 conv (4g -> g) becomes a
     `GroupedBasisConv2D`: [unique 3x3 4g -> u, shared 3x3 4g -> s] -> BN ->
@@ -187,7 +187,10 @@ class DenseNet(Backbone):
             if b < len(spec["blocks"]) - 1:
                 out = int(x.shape[-1] * spec["compression"])
                 name = f"transition{b + 1}"
-                x = _bn_relu(x, name)
+                # The authors' transition has no ReLU: BN - 1x1 - pool.
+                x = keras.layers.BatchNormalization(
+                    momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=f"{name}_bn"
+                )(x)
                 x = _conv(x, out, 1, f"{name}_conv")
                 x = keras.layers.AveragePooling2D(2, name=f"{name}_pool")(x)
         x = _bn_relu(x, "final")
@@ -259,7 +262,7 @@ def _bn_relu(x, name):
 
 
 def _dense_layer(x, spec, shared, name):
-    """BN-ReLU-1x1-BN-ReLU-3x3 (or decomposed), output concatenated first."""
+    """BN-ReLU-1x1-BN-ReLU-3x3 (or decomposed), appended to the input."""
     growth = spec["growth_rate"]
     y = _bn_relu(x, f"{name}_1")
     y = _conv(y, 4 * growth, 1, f"{name}_conv1")
@@ -276,4 +279,4 @@ def _dense_layer(x, spec, shared, name):
             epsilon=BN_EPSILON,
             name=f"{name}_conv2",
         )([y, *shared])
-    return keras.layers.Concatenate(name=f"{name}_concat")([y, x])
+    return keras.layers.Concatenate(name=f"{name}_concat")([x, y])

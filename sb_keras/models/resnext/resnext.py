@@ -6,6 +6,7 @@ from sb_keras import regularizers
 from sb_keras.api_export import sb_export
 from sb_keras.layers import FilterBasis
 from sb_keras.layers import GroupedBasisConv2D
+from sb_keras.layers import initializers as sb_init
 from sb_keras.models import arguments as checks
 from sb_keras.models.backbone import Backbone
 from sb_keras.models.backbone import image_input
@@ -34,8 +35,9 @@ class ResNeXt(Backbone):
     "ResNeXt50-S16U1" cannot be built (``u / 4 = 0`` groups) and is the
     S64U4 model, 19,333,380 parameters (the default ranks).
 
-    Initialization as the authors' code: convs Kaiming normal (fan-out),
-    the shared bases orthogonal, the classifier PyTorch's default. The
+    Initialization as the authors' code: PyTorch's defaults (every conv and
+    the classifier ``U(+-1/sqrt(fan_in))``, BN 1 and 0), then the shared
+    bases orthogonal (rows orthonormal). The
     penalty is their CIFAR-100 ``train_basis``: the pooled mean of
     ``(M M^T - I)**2`` over the shared bases (rows ``S_g`` grouped filters
     of length ``9 * width / (s / 4)``), times ``orthogonality``.
@@ -160,7 +162,8 @@ class ResNeXt(Backbone):
     @classmethod
     def _build_graph(cls, spec):
         inputs, x = image_input(spec["input_shape"], spec["preprocessing"])
-        x = rb.cifar_stem(x, 64)
+        x = _conv_bn(x, 64, 3, 1, "stem_conv", "stem_bn")
+        x = keras.layers.ReLU(name="stem_relu")(x)
         share = spec["share"]
         card, base = spec["cardinality"], spec["base_width"]
         normalizer = 0
@@ -230,37 +233,48 @@ def _rank(name, value, inner):
     return value
 
 
-def _grouped_conv(x, filters, groups, strides, name):
-    x, padding = rb._pad_for(x, 3, strides, name)
+def _conv(x, filters, kernel_size, strides, name, groups=1):
+    """A bias-free conv with PyTorch's default init (the authors' ResNeXt)."""
+    x, padding = rb._pad_for(x, kernel_size, strides, name)
     return keras.layers.Conv2D(
         filters,
-        3,
+        kernel_size,
         strides=strides,
         padding=padding,
         groups=groups,
         use_bias=False,
-        kernel_initializer=rb.sb_init.conv_kernel_initializer(),
+        kernel_initializer=sb_init.dense_kernel_initializer(),
         name=name,
     )(x)
+
+
+def _conv_bn(x, filters, kernel_size, strides, name, bn_name):
+    return rb.batch_norm(_conv(x, filters, kernel_size, strides, name), bn_name)
+
+
+def _shortcut(x, filters, strides, name):
+    if strides == 1 and x.shape[-1] == filters:
+        return x
+    return _conv_bn(x, filters, 1, strides, name, f"{name}_bn")
 
 
 def _block(x, planes, width, cardinality, strides, name):
     """1x1 - grouped 3x3 (stride) - 1x1 (x4), projection shortcut."""
     out = 4 * planes
-    residual = rb.shortcut(x, out, strides, "projection", f"{name}_shortcut")
-    y = rb.conv_bn(x, width, 1, 1, f"{name}_conv1", f"{name}_bn1")
+    residual = _shortcut(x, out, strides, f"{name}_shortcut")
+    y = _conv_bn(x, width, 1, 1, f"{name}_conv1", f"{name}_bn1")
     y = keras.layers.ReLU(name=f"{name}_relu1")(y)
-    y = _grouped_conv(y, width, cardinality, strides, f"{name}_conv2")
+    y = _conv(y, width, 3, strides, f"{name}_conv2", groups=cardinality)
     y = rb.batch_norm(y, f"{name}_bn2")
     y = keras.layers.ReLU(name=f"{name}_relu2")(y)
-    y = rb.conv_bn(y, out, 1, 1, f"{name}_conv3", f"{name}_bn3")
+    y = _conv_bn(y, out, 1, 1, f"{name}_conv3", f"{name}_bn3")
     y = keras.layers.Add(name=f"{name}_add")([y, residual])
     return keras.layers.ReLU(name=f"{name}_out")(y)
 
 
 def _shared_block(x, planes, width, spec, g, basis, name):
     """1x1 - [unique, shared] grouped 3x3 - BN - ReLU - 1x1 - BN, identity."""
-    y = rb.conv_bn(x, width, 1, 1, f"{name}_conv1", f"{name}_bn1")
+    y = _conv_bn(x, width, 1, 1, f"{name}_conv1", f"{name}_bn1")
     y = keras.layers.ReLU(name=f"{name}_relu1")(y)
     u = spec["unique_rank"] * 2**g
     y = GroupedBasisConv2D(
@@ -269,6 +283,8 @@ def _shared_block(x, planes, width, spec, g, basis, name):
         unique_groups=u // 4,
         activation="relu",
         output_bn=True,
+        kernel_initializer=sb_init.dense_kernel_initializer(),
+        coefficient_initializer=sb_init.dense_kernel_initializer(),
         momentum=rb.BN_MOMENTUM,
         epsilon=rb.BN_EPSILON,
         name=f"{name}_conv2",
