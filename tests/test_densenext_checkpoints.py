@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 import sb_keras
-
 from sb_keras.checkpoints import densenext
 from sb_keras.checkpoints.reader import CheckpointError
 from sb_keras.checkpoints.reader import read_state_dict
