@@ -31,6 +31,7 @@ class ResNeXt(Backbone):
     grouped 3x3 (``S_g`` filters, ``s / 4`` groups)] -> BN -> ReLU -> 1x1
     (``S_g + u_g -> 4 * planes``) -> BN, with ``S_g = s * 2**(g-1)`` and
     ``u_g = u * 2**(g-1)`` and one shared basis per stage. The group counts
+    (the authors' unique groups are ``u_g / base_width``: the same for 32x4d)
     need ``s`` and ``u`` to be positive multiples of 4: the README's
     "ResNeXt50-S16U1" cannot be built (``u / 4 = 0`` groups) and is the
     S64U4 model, 19,333,380 parameters (the default ranks).
@@ -220,15 +221,16 @@ def _int_list(name, value, low, high):
 
 
 def _rank(name, value, inner):
-    """A rank whose ``rank / 4`` groups divide every stage's width."""
+    """A rank whose groups (``rank / 4``; unique: per stage) divide the widths."""
     value = checks.check_int(name, value, 0, 1 << 16)
-    groups = value // 4
-    if value % 4 or groups == 0 or any(w % groups for w in inner):
+    scale = name == "unique_rank"  # u_g = u * 2**g, groups u_g / 4
+    groups = [value * (2**g if scale else 1) // 4 for g in range(len(inner))]
+    if value % 4 or value == 0 or any(w % q for w, q in zip(inner, groups)):
         raise ValueError(
-            f"`{name}` must be a positive multiple of 4 whose quarter (the "
-            f"authors' group count) divides the stage widths {inner}; with "
-            f"{name}={value} the grouped basis convolution has {groups} "
-            f"groups and cannot be built. {checks.received(name, value)}"
+            f"`{name}` must be a positive multiple of 4 whose group counts "
+            f"{groups} (the authors' rank / 4) divide the stage widths {inner}; "
+            "otherwise the grouped basis convolution cannot be built. "
+            f"{checks.received(name, value)}"
         )
     return value
 
