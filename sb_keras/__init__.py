@@ -19,8 +19,10 @@ from sb_keras.counting import count_macs
 from sb_keras.counting import count_params
 from sb_keras.counting import count_table
 from sb_keras.models import ACDCResNet
+from sb_keras.models import DenseNet
 from sb_keras.models import MobileNetV2
 from sb_keras.models import ResNet
+from sb_keras.models import ResNeXt
 from sb_keras.models import freeze_all_but_atoms
 from sb_keras.presets import from_preset
 from sb_keras.presets import list_presets
@@ -52,4 +54,6 @@ __all__ = [
     "from_preset",
     "list_presets",
     "save_to_preset",
+    "DenseNet",
+    "ResNeXt",
 ]

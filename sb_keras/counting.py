@@ -73,6 +73,8 @@ def layer_macs(layer, input_shapes, output_shape):
         return _prod(output_shape[1:]) * input_shapes[0][-1]
     if isinstance(layer, ACDCConv2D):
         return _spatial(output_shape) * layer.macs_per_position()
+    if hasattr(layer, "macs_per_position"):  # e.g. GroupedBasisConv2D
+        return _spatial(output_shape) * layer.macs_per_position()
     return 0
 
 

@@ -235,6 +235,42 @@ def _ensure_registered():
         )
 
     _register_acdc()
+    _register_densenext()
+
+
+def _register_densenext():
+    from sb_keras.models.densenet import DenseNet
+    from sb_keras.models.resnext import ResNeXt
+
+    register("densenet121", DenseNet, "CIFAR-100 DenseNet-121-BC (growth 32)")
+    for s, u in [(16, 1), (64, 4)]:
+        register(
+            f"densenet121_s{s}u{u}",
+            DenseNet,
+            f"CIFAR-100 DenseNet-121-S{s}U{u} (one basis per dense block)",
+            share=True,
+            shared_rank=s,
+            unique_rank=u,
+        )
+        register(
+            f"densenet121_s{s}u{u}_authors",
+            DenseNet,
+            f"CIFAR-100 DenseNet-121-S{s}U{u}, the authors' layout (block 4 "
+            "reuses block 3's basis)",
+            share=True,
+            shared_rank=s,
+            unique_rank=u,
+            authors_layout=True,
+        )
+    register("resnext50_32x4d", ResNeXt, "CIFAR-100 ResNeXt-50 32x4d")
+    register(
+        "resnext50_32x4d_s64u4",
+        ResNeXt,
+        "CIFAR-100 ResNeXt-50-S64U4 (shared grouped bases; README 'S16U1')",
+        share=True,
+        shared_rank=64,
+        unique_rank=4,
+    )
 
 
 def _register_acdc():

@@ -22,6 +22,7 @@ import numpy as np
 from sb_keras.export import graph
 from sb_keras.layers import BasisConv2D
 from sb_keras.layers import FilterBasis
+from sb_keras.layers import GroupedBasisConv2D
 from sb_keras.layers import PixelNormalization
 from sb_keras.layers import SharedConv2D
 from sb_keras.layers import ZeroPadShortcut
@@ -69,7 +70,7 @@ def _foldable_bns(model):
     return out
 
 
-def _conv2d(kernel, bias, strides, padding, name, dilation=1):
+def _conv2d(kernel, bias, strides, padding, name, dilation=1, groups=1):
     kh, kw, _, filters = kernel.shape
     layer = keras.layers.Conv2D(
         filters,
@@ -77,6 +78,7 @@ def _conv2d(kernel, bias, strides, padding, name, dilation=1):
         strides=strides,
         padding=padding,
         dilation_rate=dilation,
+        groups=groups,
         use_bias=bias is not None,
         name=name,
     )
@@ -172,6 +174,15 @@ def fold_model(model, layout="folded", fold_batchnorm=True, name=None):
             return out
         if isinstance(layer, BasisConv2D):
             return _fold_basis_conv(node, layer, args, affine, decomposed)
+        if isinstance(layer, GroupedBasisConv2D):
+            from sb_keras.export.grouped import fold_grouped_basis_conv
+
+            inputs = args[0] if isinstance(args[0], (list, tuple)) else [args[0]]
+            shared = inputs[1 + layer.basis_index] if len(inputs) > 1 else None
+            bases = _basis_values(node)
+            return fold_grouped_basis_conv(
+                layer, inputs[0], bases, shared, decomposed
+            )
         if isinstance(layer, SharedConv2D):
             x = args[0][0]
             if decomposed:
@@ -233,11 +244,6 @@ def _fold_conv_bn(layer, x, affine):
             name=layer.name,
         )
         return _apply(new, [kernel.astype(np.float32), np.asarray(bias, np.float32)], x)
-    if layer.groups != 1:
-        raise graph.UnsupportedLayerError(
-            f"Grouped Conv2D + BatchNorm folding is not supported. "
-            f"Received: layer={layer.name!r} groups={layer.groups}"
-        )
     new, w = _conv2d(
         kernel * scale,
         bias * scale + shift,
@@ -245,6 +251,7 @@ def _fold_conv_bn(layer, x, affine):
         layer.padding,
         layer.name,
         dilation=layer.dilation_rate,
+        groups=layer.groups,
     )
     return _apply(new, w, x)
 

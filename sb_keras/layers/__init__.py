@@ -5,6 +5,7 @@ from sb_keras.layers.acdc_conv import ACDCConv2D
 from sb_keras.layers.basis_conv import BasisConv2D
 from sb_keras.layers.batch_norm import TorchBatchNormalization
 from sb_keras.layers.filter_basis import FilterBasis
+from sb_keras.layers.grouped_basis_conv import GroupedBasisConv2D
 from sb_keras.layers.preprocessing import PixelNormalization
 from sb_keras.layers.shared_conv import SharedConv2D
 from sb_keras.layers.shared_conv import ZeroPadShortcut
@@ -12,6 +13,7 @@ from sb_keras.layers.shared_conv import ZeroPadShortcut
 __all__ = [
     "BasisConv2D",
     "FilterBasis",
+    "GroupedBasisConv2D",
     "PixelNormalization",
     "SharedConv2D",
     "ZeroPadShortcut",

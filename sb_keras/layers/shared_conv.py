@@ -49,10 +49,12 @@ class SharedConv2D(keras.layers.Layer):
                 "SharedConv2D must be called on [x, kernel]. "
                 f"Received: input_shape={input_shape}"
             )
-        if kernels[0][2] != x_shape[-1]:
+        # A grouped kernel (k, k, C / groups, F) convolves C channels.
+        if not kernels[0][2] or x_shape[-1] % kernels[0][2]:
             raise ValueError(
-                f"The kernel expects {kernels[0][2]} input channels but the "
-                f"input has {x_shape[-1]}. Received: input_shape={input_shape}"
+                f"The kernel expects {kernels[0][2]} input channels (per group) "
+                f"but the input has {x_shape[-1]}. "
+                f"Received: input_shape={input_shape}"
             )
         self.kernel_shape = tuple(kernels[0])
 

@@ -1,0 +1,3 @@
+from sb_keras.models.resnext.resnext import ResNeXt
+
+__all__ = ["ResNeXt"]
