@@ -217,6 +217,16 @@ def test_qat_inference_is_the_int8_kernels_bit_for_bit(kind, tmp_path):
     np.testing.assert_array_equal(codes, kernel)
 
 
+def opcode_table(content):
+    """Names in a flatbuffer's operator-code table (used or not)."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    m = schema.Model.GetRootAsModel(content, 0)
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if k.isupper()}
+    codes = [m.OperatorCodes(i) for i in range(m.OperatorCodesLength())]
+    return [names[max(c.BuiltinCode(), c.DeprecatedBuiltinCode())] for c in codes]
+
+
 def qat_output_steps(qat, path, x):
     """|int8 file - QAT Keras| in output quantization steps, per entry."""
     ref = np.asarray(qat(x, training=False))
@@ -235,6 +245,10 @@ def test_qat_model_converts_to_full_int8_equal_to_keras(tmp_path):
 
     ops = {d["op_name"] for d in Interpreter(str(path))._get_ops_details()}
     assert not ops & {"DEQUANTIZE", "QUANTIZE"}  # no float islands
+    # op_names reads the operators the graph runs, not the opcode table
+    # (which here still lists codes of the float graph no operator uses).
+    assert set(export.op_names(path.read_bytes())) == ops
+    assert set(opcode_table(path.read_bytes())) - ops
     # No fake quant between an Add and the ReLU TFLite fuses into it.
     for layer in qat.layers:
         if isinstance(layer, export.FakeQuant):

@@ -90,13 +90,23 @@ def has_fake_quant(model):
 
 
 def op_names(content):
-    """Names of the operators a ``.tflite`` flatbuffer uses (sorted, unique)."""
+    """Names of the operators a ``.tflite`` flatbuffer runs (sorted, unique).
+
+    Reads the operators of every subgraph and their opcode indices, not the
+    operator-code table (which may list codes no operator uses, e.g. the
+    QUANTIZE/DEQUANTIZE of a quantization-aware model's float graph).
+    """
     from tensorflow.lite.python import schema_py_generated as schema
 
     m = schema.Model.GetRootAsModel(content, 0)
     names = {v: k for k, v in vars(schema.BuiltinOperator).items() if k.isupper()}
+    used = set()
+    for s in range(m.SubgraphsLength()):
+        sub = m.Subgraphs(s)
+        for i in range(sub.OperatorsLength()):
+            used.add(sub.Operators(i).OpcodeIndex())
     out = set()
-    for i in range(m.OperatorCodesLength()):
+    for i in sorted(used):
         code = m.OperatorCodes(i)
         builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
         name = names.get(builtin, str(builtin))
