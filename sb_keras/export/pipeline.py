@@ -11,7 +11,7 @@ from sb_keras.export import tflite
 LAYOUT_CHOICES = (*folding.LAYOUTS, "auto")
 # Chosen from bench/deploy_layouts.py (tflite/README.md): on the authors'
 # ResNet56-S16U1, int8, 0.59x the bytes of the plain ResNet-56 int8 file at
-# 1.08x its latency.
+# 1.05x its latency (fastest runs; medians vary with load).
 DEFAULT_LAYOUT = "mixed"
 
 
