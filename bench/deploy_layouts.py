@@ -153,6 +153,7 @@ def interleaved_latency(paths, threads, rounds, runs):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", default=CHECKPOINT)
+    p.add_argument("--plain-depth", type=int, default=56, help="the plain ResNet")
     p.add_argument("--data-dir", default=os.path.join(SHARED, "datasets", "cifar10"))
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--runs", type=int, default=20)
@@ -169,7 +170,7 @@ def main(argv=None):
     from sb_keras.export import pipeline
 
     shared = sb_keras.load_authors_checkpoint(args.checkpoint)
-    models = {"shared": shared, "plain": sb_keras.ResNet(depth=56)}
+    models = {"shared": shared, "plain": sb_keras.ResNet(depth=args.plain_depth)}
     calib = pipeline.calibration_images(shared, args.data_dir)
     with np.load(os.path.join(args.data_dir, "lossless_subset.npz")) as f:
         x, y = f["x_test"].astype(np.float32), f["y_test"].reshape(-1)
