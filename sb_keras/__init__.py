@@ -8,6 +8,7 @@ Example:
 True
 """
 
+from sb_keras import _quiet  # noqa: F401  (first: TensorFlow's import logs)
 from sb_keras import export
 from sb_keras import layers
 from sb_keras import regularizers

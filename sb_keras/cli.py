@@ -293,9 +293,17 @@ def _add_train(sub):
 def _cmd_export(args):
     from sb_keras.export import pipeline
 
-    layout = args.layout or "folded"
+    layout = args.layout or pipeline.DEFAULT_LAYOUT
+    model = args.model
+    if layout == "auto":
+        model = pipeline.load_float_model(model)
+        layout, stats = pipeline.choose_layout(model)
+        measured = ", ".join(
+            f"{k} {size:,} B {ms:.2f} ms" for k, (size, ms) in stats.items()
+        )
+        print(f"auto layout: {layout} (float32 files, batch 1: {measured})")
     content = pipeline.export_tflite(
-        args.model,
+        model,
         args.output,
         quantize=args.quantize,
         layout=layout,
@@ -307,7 +315,13 @@ def _cmd_export(args):
         strip_names=args.strip_names,
         activation_range=args.activation_range,
         bias_correction=args.bias_correction,
+        labels=args.labels,
+        metadata_python=args.metadata_python,
     )
+    from sb_keras.export import metadata
+
+    if metadata.writer_python(args.metadata_python) is None:
+        print(f"no TFLite Metadata written. {metadata.INSTALL_HINT}")
     print(f"wrote {args.output} ({len(content):,} bytes, {args.quantize}, {layout})")
 
 
@@ -326,21 +340,28 @@ def _add_export(sub):
         dest="layout",
         action="store_const",
         const="folded",
-        help="one plain conv per decomposed conv: fewer ops (default)",
+        help="one plain conv per decomposed conv: fewest ops",
     )
     group.add_argument(
         "--decomposed",
         dest="layout",
         action="store_const",
         const="decomposed",
-        help="keep shared kernels once: fewer bytes",
+        help="keep shared kernels once: fewest bytes",
+    )
+    group.add_argument(
+        "--mixed",
+        dest="layout",
+        action="store_const",
+        const="mixed",
+        help="decomposed where it saves many bytes, folded elsewhere (default)",
     )
     group.add_argument(
         "--auto-layout",
         dest="layout",
         action="store_const",
         const="auto",
-        help="pick folded or decomposed by measured size and latency",
+        help="pick the layout by measured size and latency (prints the choice)",
     )
     p.add_argument("--data-dir", default=None, help="real dataset (int8 calibration)")
     p.add_argument("--dataset", default="cifar10")
@@ -363,6 +384,15 @@ def _add_export(sub):
         "--bias-correction",
         action="store_true",
         help="int8: correct biases for the mean shift of int8 weights",
+    )
+    p.add_argument(
+        "--labels", default=None, help="label file for the metadata (one per line)"
+    )
+    p.add_argument(
+        "--metadata-python",
+        default=None,
+        help="a Python with mediapipe==0.10.21 that writes TFLite Metadata "
+        "(default: $SB_KERAS_METADATA_PYTHON)",
     )
     p.set_defaults(func=_cmd_export)
 

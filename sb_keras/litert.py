@@ -26,7 +26,10 @@ def _interpreter(path, num_threads=1):
         ) from e
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No such .tflite file. Received: path={path!r}")
-    return Interpreter(model_path=os.fspath(path), num_threads=num_threads)
+    from sb_keras.export.tflite import quiet
+
+    with quiet():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+        return Interpreter(model_path=os.fspath(path), num_threads=num_threads)
 
 
 def _quantize_input(x, detail):

@@ -1,6 +1,7 @@
 """Export: exact folding, TFLite conversion (builtin ops), QAT, LiteRT, CLI."""
 
 import os
+import tempfile
 
 import keras
 import numpy as np
@@ -48,6 +49,9 @@ _BUILDERS = {
     "mobilenet_v2_double": lambda: sb_keras.MobileNetV2(
         share=True, sharing="double", variant="cifar", alpha=0.35
     ),
+    "mobilenet_v2_single": lambda: sb_keras.MobileNetV2(
+        share=True, sharing="single", variant="cifar", alpha=0.35
+    ),
 }
 
 
@@ -57,6 +61,8 @@ _BUILDERS = {
         ("resnet14_double", "folded"),
         ("resnet14_double", "decomposed"),
         ("mobilenet_v2_double", "decomposed"),
+        ("mobilenet_v2_single", "mixed"),
+        ("resnet14_double", "mixed"),
         pytest.param("resnet14_single", "folded", marks=pytest.mark.slow),
         pytest.param("resnet14_single", "decomposed", marks=pytest.mark.slow),
         pytest.param("mobilenet_v2_double", "folded", marks=pytest.mark.slow),
@@ -79,7 +85,9 @@ def test_folding_is_exact_in_inference(name, layout):
         # The sharing survives: one basis variable per FilterBasis.
         assert len({id(v) for v in folded.weights}) == len(folded.weights)
         n_bases = sum(isinstance(lay, FilterBasis) for lay in model.layers)
-        assert sum(isinstance(lay, FilterBasis) for lay in folded.layers) == n_bases
+        kept = sum(isinstance(lay, FilterBasis) for lay in folded.layers)
+        # "mixed" folds the layers where sharing saves few bytes per pixel.
+        assert kept == n_bases if layout == "decomposed" else 0 < kept <= n_bases
 
 
 def test_decomposed_file_stores_each_shared_basis_once():
@@ -101,6 +109,50 @@ def test_decomposed_file_stores_each_shared_basis_once():
     assert sorted(users.values())[-3:] == [4, 4, 4]
     folded = export.convert(export.fold_model(model, "folded"))
     assert len(content) < 0.7 * len(folded)
+
+
+def shared_kernel_bytes(model, bytes_per_weight=4):
+    """Bytes of every shared kernel once, and of its extra per-user copies."""
+    from sb_keras.layers import SharedConv2D
+
+    users = {}
+    for layer in model.layers:
+        if isinstance(layer, (SharedConv2D, BasisConv2D)):
+            for node in layer._inbound_nodes:
+                for t in node.input_tensors[1:]:
+                    key = id(t)
+                    size = int(np.prod(t.shape)) * bytes_per_weight
+                    users[key] = (size, users.get(key, (0, 0))[1] + 1)
+    once = sum(size for size, _ in users.values())
+    copies = sum(size * (n - 1) for size, n in users.values())
+    return once, copies
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "mobilenet_v2_single",
+        "mobilenet_v2_double",
+    ],
+)
+def test_decomposed_file_saves_the_shared_bytes_with_trained_bn(name):
+    # Random, non-trivial BN statistics (as after training): the converter
+    # must not fold a block's BN into its own copy of a shared kernel. (The
+    # ResNets' bases: test_decomposed_file_stores_each_shared_basis_once.)
+    model = randomize_batchnorm(_BUILDERS[name]())
+    folded = export.convert(export.fold_model(model, "folded"))
+    decomposed = export.convert(export.fold_model(model, "decomposed"))
+    once, copies = shared_kernel_bytes(model)
+    assert copies >= once > 0
+    assert len(folded) - len(decomposed) >= once
+    x = pixels(2)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "d.tflite")
+        with open(path, "wb") as f:
+            f.write(decomposed)
+        ref = np.asarray(model(x, training=False))
+        out = litert.predict(path, x)
+    np.testing.assert_allclose(out, ref, atol=1e-4 * max(1, np.abs(ref).max()))
 
 
 @pytest.mark.parametrize("quantize", export.QUANTIZE_MODES)
@@ -217,6 +269,16 @@ def test_qat_inference_is_the_int8_kernels_bit_for_bit(kind, tmp_path):
     np.testing.assert_array_equal(codes, kernel)
 
 
+def opcode_table(content):
+    """Names in a flatbuffer's operator-code table (used or not)."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    m = schema.Model.GetRootAsModel(content, 0)
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if k.isupper()}
+    codes = [m.OperatorCodes(i) for i in range(m.OperatorCodesLength())]
+    return [names[max(c.BuiltinCode(), c.DeprecatedBuiltinCode())] for c in codes]
+
+
 def qat_output_steps(qat, path, x):
     """|int8 file - QAT Keras| in output quantization steps, per entry."""
     ref = np.asarray(qat(x, training=False))
@@ -235,6 +297,10 @@ def test_qat_model_converts_to_full_int8_equal_to_keras(tmp_path):
 
     ops = {d["op_name"] for d in Interpreter(str(path))._get_ops_details()}
     assert not ops & {"DEQUANTIZE", "QUANTIZE"}  # no float islands
+    # op_names reads the operators the graph runs, not the opcode table
+    # (which here still lists codes of the float graph no operator uses).
+    assert set(export.op_names(path.read_bytes())) == ops
+    assert set(opcode_table(path.read_bytes())) - ops
     # No fake quant between an Add and the ReLU TFLite fuses into it.
     for layer in qat.layers:
         if isinstance(layer, export.FakeQuant):
@@ -535,3 +601,35 @@ def test_cli_export_and_litert_table(tmp_path, cifar10_dir):
     assert 0 <= row["top1"] <= 1 and row["size_bytes"] == os.path.getsize(out)
     text = litert.write_table([row], tmp_path / "t.json", tmp_path / "t.md")
     assert "latency_ms_2t" in text and (tmp_path / "t.json").exists()
+
+
+def sb_keras_command():
+    """The console script of this interpreter, or ``python -m sb_keras``."""
+    import sys
+
+    script = os.path.join(os.path.dirname(sys.executable), "sb-keras")
+    return [script] if os.path.exists(script) else [sys.executable, "-m", "sb_keras"]
+
+
+def test_cli_export_is_quiet_and_prints_the_chosen_layout(tmp_path, cifar10_dir):
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src = tmp_path / "m.keras"
+    sb_keras.ResNet(depth=14, share=True).save(src)
+    out = tmp_path / "m.tflite"
+    env = dict(os.environ, PYTHONPATH=root)
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    args = ["export", str(src), str(out), "--quantize", "int8", "--auto-layout"]
+    args += ["--data-dir", cifar10_dir, "--calibration-count", "16"]
+    done = subprocess.run(
+        sb_keras_command() + args, env=env, capture_output=True, text=True, timeout=600
+    )
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert done.returncode == 0, lines[-20:]
+    # No "Captures: ... TensorSpec" signature dump, no absl/XNNPACK logs.
+    assert len(lines) <= 3, lines[:20]
+    (chosen,) = [line for line in lines if line.startswith("auto layout: ")]
+    layout = chosen.split()[2]
+    assert layout in export.LAYOUTS and all(k in chosen for k in export.LAYOUTS)
+    assert f"int8, {layout})" in lines[-1] and out.exists()

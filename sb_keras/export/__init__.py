@@ -2,9 +2,14 @@
 
 * `fold_model`: shared-basis layers and BatchNorms folded into plain convs
   (``"folded"``) or kept decomposed with the shared kernels stored once
-  (``"decomposed"``); exact in inference.
+  (``"decomposed"``),
+  or ``"mixed"`` (decomposed where that saves many bytes per output
+  position; the default of `export_tflite`, chosen in
+  ``bench/deploy_layouts.py``); exact in inference.
 * `convert`: float32, float16, dynamic-range int8 or full-integer int8
   ``.tflite`` with builtin ops only, written atomically.
+* `export_tflite`: model or path -> ``.tflite`` in the default layout, with
+  TFLite Metadata (`metadata`) when MediaPipe's writer is available.
 * `quantize_aware_model` / `calibrate`: quantization-aware training
   with TF fake-quant ops the converter recognizes (no tfmot); in inference
   the QAT layers compute like LiteRT's int8 kernels (`integer`).
@@ -13,6 +18,7 @@
 """
 
 from sb_keras.export import integer
+from sb_keras.export import metadata
 from sb_keras.export.bias_correction import correct_bias
 from sb_keras.export.folding import LAYOUTS
 from sb_keras.export.folding import fold_model
@@ -46,6 +52,7 @@ __all__ = [
     "UnsupportedLayerError",
     "FakeQuant",
     "integer",
+    "metadata",
     "QuantAdd",
     "QuantConv2D",
     "QuantDense",

@@ -9,7 +9,16 @@ Two layouts, both exact in inference (BatchNorm uses its moving statistics):
 * ``"decomposed"``: the sharing is kept. A `BasisConv2D` becomes a unique
   ``k x k`` conv and a shared ``k x k`` conv (the `FilterBasis` variable,
   stored once), a concatenation and a 1x1 conv into which both BatchNorms
-  are folded. Fewest bytes.
+  are folded. Fewest bytes. A BatchNorm after a shared kernel becomes a
+  per-channel scale and shift (a 1x1 depthwise conv), so the converter
+  cannot fold it into a per-user copy of the kernel.
+* ``"mixed"``: decomposed where it saves many weights per output position
+  (`rewrites.MIXED_MIN_SAVING`; the late, narrow-spatial stages that hold
+  most of the weights), folded elsewhere. Nearly the bytes of
+  ``"decomposed"`` at nearly the speed of ``"folded"``.
+
+In every layout the option-A shortcut runs as ops LiteRT's XNNPACK
+delegate takes (`rewrites.shortcut`).
 
 In both, a BatchNorm whose only input is a convolution without activation
 is folded into that convolution's kernel and bias (in ``"decomposed"``, not
@@ -20,6 +29,7 @@ import keras
 import numpy as np
 
 from sb_keras.export import graph
+from sb_keras.export import rewrites
 from sb_keras.layers import BasisConv2D
 from sb_keras.layers import FilterBasis
 from sb_keras.layers import GroupedBasisConv2D
@@ -27,9 +37,9 @@ from sb_keras.layers import PixelNormalization
 from sb_keras.layers import SharedConv2D
 from sb_keras.layers import ZeroPadShortcut
 
-LAYOUTS = ("folded", "decomposed")
+LAYOUTS = ("folded", "decomposed", "mixed")
 # sb_keras layers that export as they are (constants and builtin ops only).
-_KEEP = (PixelNormalization, ZeroPadShortcut)
+_KEEP = (PixelNormalization,)
 _CONVS = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
 
 
@@ -107,16 +117,47 @@ def _basis_values(node):
     return values
 
 
-def fold_model(model, layout="folded", fold_batchnorm=True, name=None):
+def _decisions(model, layout, min_saving):
+    """``{id(layer): True}`` for the shared-basis layers kept decomposed."""
+    out = {}
+    for node in graph.ordered_nodes(model):
+        layer = node.operation
+        if isinstance(layer, BasisConv2D):
+            if layout != "mixed":
+                out[id(layer)] = layout == "decomposed"
+                continue
+            k = int(np.prod(np.broadcast_to(layer.kernel_size, (2,))))
+            cin = node.input_tensors[0].shape[-1]
+            folded = k * cin * layer.filters
+            decomposed = k * cin * layer.unique_rank + layer.rank * layer.filters
+            out[id(layer)] = rewrites.decompose_here(
+                node, folded, decomposed, min_saving
+            )
+        elif isinstance(layer, SharedConv2D):
+            size = int(np.prod(node.input_tensors[1].shape))
+            out[id(layer)] = layout == "decomposed" or (
+                layout == "mixed"
+                and rewrites.decompose_here(node, size, 0, min_saving)
+            )
+    return out
+
+
+def fold_model(
+    model, layout="folded", fold_batchnorm=True, name=None, min_saving=None
+):
     """The inference graph of ``model`` with its shared-basis layers folded.
 
     Args:
         model: a functional Keras model (e.g. `sb_keras.ResNet`,
             `sb_keras.MobileNetV2`), trained.
-        layout: `"folded"` (one plain conv per decomposed conv: fewest ops)
-            or `"decomposed"` (shared kernels kept once: fewest bytes).
+        layout: `"folded"` (one plain conv per decomposed conv: fewest ops),
+            `"decomposed"` (shared kernels kept once: fewest bytes) or
+            `"mixed"` (decomposed only where that saves at least
+            ``min_saving`` weights per output position).
         fold_batchnorm: also fold every BatchNorm that follows a conv.
         name: name of the new model. Defaults to ``model.name``.
+        min_saving: threshold of `"mixed"`. Defaults to
+            `rewrites.MIXED_MIN_SAVING`.
 
     Returns:
         A plain functional `keras.Model` of builtin Keras layers (plus
@@ -145,21 +186,38 @@ def fold_model(model, layout="folded", fold_batchnorm=True, name=None):
         raise ValueError(
             f"`layout` must be one of {LAYOUTS}. Received: layout={layout!r}"
         )
+    if min_saving is None:
+        min_saving = rewrites.MIXED_MIN_SAVING
+    keep = _decisions(model, layout, min_saving)
     fold_bn = _foldable_bns(model) if fold_batchnorm else {}
-    decomposed = layout == "decomposed"
-    if decomposed:
-        # Keep the sharing: a BN after a shared kernel is not folded.
-        fold_bn = {k: v for k, v in fold_bn.items() if not isinstance(v, SharedConv2D)}
+    # Keep the sharing: a BN after a kept shared kernel becomes a
+    # per-channel scale/shift instead of being folded into the kernel.
+    affine_bn = {k for k, v in fold_bn.items() if keep.get(id(v))}
+    first = _first_user_scales(model, {id(v): k for k, v in fold_bn.items()}, keep)
+    fold_bn = {k: v for k, v in fold_bn.items() if k not in affine_bn}
     producers_to_fold = {id(p): bn for p, bn in _bn_of(model, fold_bn).items()}
 
     def handler(node, args, kwargs):
         layer = node.operation
         bn = producers_to_fold.get(id(layer))
         affine = bn_affine(bn) if bn is not None else None
+        decomposed = keep.get(id(layer), False)
         if isinstance(layer, keras.layers.BatchNormalization) and id(layer) in fold_bn:
             return args[0]  # folded into its producer
+        if id(layer) in affine_bn:
+            scale, shift = bn_affine(layer)
+            stored = first.get(id(layer))
+            if stored is None:
+                return rewrites.channel_affine(args[0], scale, shift, layer.name)
+            if stored[1]:  # this BN's scale is in the stored kernel
+                return rewrites.channel_bias(args[0], shift, layer.name)
+            return rewrites.channel_affine(
+                args[0], scale / stored[0], shift, layer.name
+            )
+        if isinstance(layer, ZeroPadShortcut):
+            return rewrites.shortcut(layer, args[0])
         if isinstance(layer, FilterBasis):
-            if not decomposed:
+            if layout == "folded":
                 return [None] * layer.num_bases if layer.num_bases > 1 else None
             new = FilterBasis(
                 rank=layer.rank,
@@ -171,6 +229,9 @@ def fold_model(model, layout="folded", fold_batchnorm=True, name=None):
             )
             out = new(args[0])
             new.set_weights(layer.get_weights())
+            for i, variable in enumerate(new.bases):
+                if (id(layer), i) in first:
+                    variable.assign(np.asarray(variable) * first[(id(layer), i)])
             return out
         if isinstance(layer, BasisConv2D):
             return _fold_basis_conv(node, layer, args, affine, decomposed)
@@ -214,6 +275,43 @@ def fold_model(model, layout="folded", fold_batchnorm=True, name=None):
         )
 
     return graph.rebuild(model, handler, name=name or f"{model.name}_{layout}")
+
+
+def _first_user_scales(model, bn_of_producer, keep):
+    """Folds one user's BN scale into a shared kernel whose users all scale.
+
+    For a `FilterBasis` output used only by kept `SharedConv2D` layers that
+    are each followed by a BatchNorm, the stored kernel becomes
+    ``kernel * scale_1`` (the first user's BN scale): the first user then
+    needs only a bias, the others a scale ``scale_i / scale_1`` and a
+    shift. One per-channel op fewer per shared kernel, same bytes stored.
+
+    Returns:
+        ``{(id(basis layer), index): scale_1}`` and, per BN layer id,
+        ``(scale_1, is_first_user)``.
+    """
+    users = {}
+    for node in graph.ordered_nodes(model):
+        for t in node.input_tensors[1:]:
+            owner, index = graph.producer(t)
+            if isinstance(owner, FilterBasis):
+                users.setdefault((id(owner), index), []).append(node.operation)
+    bns = {id(layer): layer for layer in model.layers}
+    out = {}
+    for key, layers in users.items():
+        ok = all(
+            isinstance(u, SharedConv2D) and keep.get(id(u)) and id(u) in bn_of_producer
+            for u in layers
+        )
+        if not ok:
+            continue
+        scales = [bn_affine(bns[bn_of_producer[id(u)]])[0] for u in layers]
+        if np.min(np.abs(scales[0])) < 1e-6 * max(np.max(np.abs(scales[0])), 1e-30):
+            continue  # a zero scale cannot be divided out
+        out[key] = scales[0]
+        for i, u in enumerate(layers):
+            out[bn_of_producer[id(u)]] = (scales[0], i == 0)
+    return out
 
 
 def _bn_of(model, fold_bn):

@@ -9,6 +9,10 @@ from sb_keras.export import folding
 from sb_keras.export import tflite
 
 LAYOUT_CHOICES = (*folding.LAYOUTS, "auto")
+# Chosen from bench/deploy_layouts.py (tflite/README.md): on the authors'
+# ResNet56-S16U1, int8, 0.59x the bytes of the plain ResNet-56 int8 file at
+# 1.05x its latency (fastest runs; medians vary with load).
+DEFAULT_LAYOUT = "mixed"
 
 
 def load_float_model(source):
@@ -26,16 +30,17 @@ def load_float_model(source):
     path = os.fspath(source)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No such model file. Received: model={path!r}")
-    if path.endswith((".pth", ".pt", ".tar")):
-        try:
-            from sb_keras.checkpoints import load_authors_checkpoint
-        except ImportError as e:
-            raise ValueError(
-                "Reading the authors' checkpoints needs sb_keras.checkpoints. "
-                f"Received: model={path!r}"
-            ) from e
-        return load_authors_checkpoint(path)
-    return saving.load_model(path)
+    with tflite.quiet():  # TensorFlow's device logs on first use
+        if path.endswith((".pth", ".pt", ".tar")):
+            try:
+                from sb_keras.checkpoints import load_authors_checkpoint
+            except ImportError as e:
+                raise ValueError(
+                    "Reading the authors' checkpoints needs sb_keras.checkpoints. "
+                    f"Received: model={path!r}"
+                ) from e
+            return load_authors_checkpoint(path)
+        return saving.load_model(path)
 
 
 def calibration_images(model, data_dir=None, dataset="cifar10", count=500, seed=0):
@@ -48,24 +53,30 @@ def calibration_images(model, data_dir=None, dataset="cifar10", count=500, seed=
     return x[np.sort(idx)].astype(np.float32)
 
 
-def choose_layout(model, latency_tolerance=1.25, runs=30):
-    """Picks ``"folded"`` or ``"decomposed"`` by measured size and latency.
+def choose_layout(model, latency_tolerance=1.15, runs=20, rounds=5):
+    """Picks a layout of `LAYOUTS` by measured size and latency.
 
-    Both float32 files are built and timed at batch 1 (1 thread); the
-    smallest file whose latency is within ``latency_tolerance`` times the
-    fastest wins.
+    Every layout's float32 file is built and timed at batch 1 (1 thread),
+    interleaved: ``rounds`` rounds of ``runs`` runs per file, the median of
+    the round medians. The smallest file whose latency is within
+    ``latency_tolerance`` times the fastest wins.
 
     Returns:
         ``(layout, {layout: (size_bytes, latency_ms)})``.
     """
     from sb_keras import litert
 
-    stats = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    stats, paths = {}, {}
+    with tempfile.TemporaryDirectory() as tmp, tflite.quiet():
         for layout in folding.LAYOUTS:
-            path = os.path.join(tmp, f"{layout}.tflite")
-            tflite.convert(folding.fold_model(model, layout), path)
-            stats[layout] = (os.path.getsize(path), litert.latency_ms(path, 1, runs))
+            paths[layout] = os.path.join(tmp, f"{layout}.tflite")
+            tflite.convert(folding.fold_model(model, layout), paths[layout])
+        times = {k: [] for k in paths}
+        for _ in range(rounds):
+            for layout, path in paths.items():
+                times[layout].append(litert.latency_ms(path, 1, runs, warmup=2))
+        for layout, path in paths.items():
+            stats[layout] = (os.path.getsize(path), float(np.median(times[layout])))
     fastest = min(lat for _, lat in stats.values())
     ok = [k for k, (_, lat) in stats.items() if lat <= latency_tolerance * fastest]
     return min(ok, key=lambda k: stats[k][0]), stats
@@ -75,7 +86,7 @@ def export_tflite(
     model,
     output_path,
     quantize="none",
-    layout="folded",
+    layout=DEFAULT_LAYOUT,
     data_dir=None,
     dataset="cifar10",
     int8_io=False,
@@ -84,21 +95,33 @@ def export_tflite(
     strip_names=False,
     activation_range="minmax",
     bias_correction=False,
+    labels=None,
+    metadata_python=None,
 ):
     """Loads (if a path), folds and converts a model; returns the bytes.
+
+    When an interpreter with MediaPipe is available (``metadata_python``
+    or ``SB_KERAS_METADATA_PYTHON``, see `sb_keras.export.metadata`), the
+    file also carries TFLite Metadata: name, description, input
+    normalization and the label file.
 
     Args:
         model: a Keras model or a path (``.keras``, or an authors'
             checkpoint when `sb_keras.checkpoints` is available).
         output_path: the ``.tflite`` file to write.
         quantize: one of `sb_keras.export.QUANTIZE_MODES`.
-        layout: `"folded"`, `"decomposed"` or `"auto"` (`choose_layout`).
+        layout: `"mixed"` (default), `"folded"`, `"decomposed"` or
+            `"auto"` (`choose_layout`).
         data_dir: folder of the real dataset (calibration images for int8).
         dataset: dataset name of `sb_keras.data`.
         int8_io: int8 input and output tensors (``quantize="int8"`` only).
         calibration_count: calibration images for full-integer int8.
         per_channel, strip_names, activation_range, bias_correction: see
             `sb_keras.export.convert`.
+        labels: a label file (one class name per line) for the metadata;
+            defaults to the names of ``dataset`` (CIFAR-10/100).
+        metadata_python: the interpreter that runs MediaPipe's metadata
+            writer.
 
     Example:
 
@@ -125,7 +148,17 @@ def export_tflite(
     rep = None
     if quantize == "int8" and not tflite.has_fake_quant(model):
         rep = calibration_images(model, data_dir, dataset, calibration_count)
-    return tflite.convert(
+    from sb_keras.export import metadata
+
+    python = metadata.writer_python(metadata_python)
+    if labels is not None and python is None:
+        raise ValueError(
+            f"`labels` go into TFLite Metadata. {metadata.INSTALL_HINT} "
+            f"Received: labels={labels!r}"
+        )
+    classes = int(inference.outputs[0].shape[-1])
+    names = metadata.labels_for(dataset, labels, classes) if python else None
+    content = tflite.convert(
         inference,
         output_path,
         quantize=quantize,
@@ -136,3 +169,15 @@ def export_tflite(
         activation_range=activation_range,
         bias_correction=bias_correction,
     )
+    if python is not None:
+        content = metadata.add_metadata(
+            output_path,
+            names,
+            name=f"{getattr(model, 'name', 'model')}",
+            description=(
+                f"{dataset} image classifier; input: RGB pixels in [0, 255] "
+                f"(normalized inside the model); {quantize}, {layout} layout"
+            ),
+            python=python,
+        )
+    return content

@@ -30,6 +30,7 @@ import keras
 import numpy as np
 
 from sb_keras.export import graph
+from sb_keras.export import rewrites
 from sb_keras.export.qat_layers import FakeQuant
 from sb_keras.export.qat_layers import QuantAdd
 from sb_keras.export.qat_layers import QuantConv2D
@@ -67,6 +68,7 @@ _PASSTHROUGH = (
     keras.layers.Flatten,
     keras.layers.MaxPooling2D,
     ZeroPadShortcut,
+    rewrites.ChannelPad,
     FilterBasis,
 )
 # Ops into which the TFLite converter fuses a following ReLU/ReLU6: their own
@@ -245,7 +247,7 @@ def quantize_aware_model(model, momentum=0.99, name=None):
             out = new(*args, **kwargs)
             if layer.weights:
                 new.set_weights(layer.get_weights())
-        elif isinstance(layer, ZeroPadShortcut) or (
+        elif isinstance(layer, (ZeroPadShortcut, rewrites.ChannelPad)) or (
             graph.is_keras_builtin(layer) and not isinstance(layer, keras.Model)
         ):
             out = graph.call_copy(layer, args, kwargs)

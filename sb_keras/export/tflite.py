@@ -9,6 +9,7 @@ a half-written file behind.
 
 import contextlib
 import os
+import sys
 import tempfile
 import warnings
 
@@ -24,6 +25,43 @@ _RANGE_MEMORY_BYTES = 256 * 2**20
 
 class NonBuiltinOpError(ValueError):
     """The converted model needs Flex or custom ops."""
+
+
+@contextlib.contextmanager
+def quiet():
+    """Silences the converter's prints and C++ logs (file descriptors 1, 2).
+
+    The TFLite converter prints the SavedModel signature ("Captures: ...
+    TensorSpec" lines, hundreds for a ResNet), and its C++ calibrator and
+    absl log to the process's stderr regardless of
+    ``TF_CPP_MIN_LOG_LEVEL``. Both descriptors go to a temporary file for
+    the duration; if the block raises, what was captured is written back to
+    stderr so that no diagnostic is lost.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    failed = False
+    with tempfile.TemporaryFile() as sink, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*preserve_all_tensors.*")
+        warnings.filterwarnings("ignore", message=".*Statistics for quantized.*")
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            if failed:
+                sink.seek(0)
+                sys.stderr.write(sink.read().decode(errors="replace")[-20000:])
 
 
 def check_output_path(path):
@@ -90,13 +128,23 @@ def has_fake_quant(model):
 
 
 def op_names(content):
-    """Names of the operators a ``.tflite`` flatbuffer uses (sorted, unique)."""
+    """Names of the operators a ``.tflite`` flatbuffer runs (sorted, unique).
+
+    Reads the operators of every subgraph and their opcode indices, not the
+    operator-code table (which may list codes no operator uses, e.g. the
+    QUANTIZE/DEQUANTIZE of a quantization-aware model's float graph).
+    """
     from tensorflow.lite.python import schema_py_generated as schema
 
     m = schema.Model.GetRootAsModel(content, 0)
     names = {v: k for k, v in vars(schema.BuiltinOperator).items() if k.isupper()}
+    used = set()
+    for s in range(m.SubgraphsLength()):
+        sub = m.Subgraphs(s)
+        for i in range(sub.OperatorsLength()):
+            used.add(sub.Operators(i).OpcodeIndex())
     out = set()
-    for i in range(m.OperatorCodesLength()):
+    for i in sorted(used):
         code = m.OperatorCodes(i)
         builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
         name = names.get(builtin, str(builtin))
@@ -419,7 +467,7 @@ def convert(
     if qat:
         ranges = qat_layers.simulated()
     try:
-        with ranges:
+        with ranges, quiet():
             content = converter.convert()
     except Exception as e:  # the converter raises ConverterError and others
         if "flex" in str(e).lower() or "not supported" in str(e).lower():
