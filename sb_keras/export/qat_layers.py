@@ -13,18 +13,51 @@ which rebuilds a folded model with them and links every layer to the
 * `QuantAdd`, `QuantGlobalAveragePooling2D`: float in training, the int8
   ``ADD`` / ``MEAN`` in inference.
 * `QuantSharedConv2D`: a shared (decomposed-layout) kernel, fake-quantized.
+
+Under any dtype policy (``mixed_float16``, ``mixed_bfloat16``) the layers
+compute in float32, where the fake-quant ops and the integer arithmetic are
+defined, reading their float32 variables without Keras's autocast, and cast
+the result back to the layer's compute dtype.
 """
 
 import contextlib
+import functools
 
 import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
+from keras.src.backend import AutocastScope
 
 from sb_keras.api_export import sb_export
 from sb_keras.export import integer
 from sb_keras.layers import SharedConv2D
+
+
+def _float32(fn):
+    """Runs a ``call(self, inputs, ...)`` in float32, returns compute dtype.
+
+    The inputs are cast to float32 and the variables are read without
+    autocast (their float32 values); the outputs are cast to the layer's
+    compute dtype. A no-op under a float32 policy.
+    """
+
+    @functools.wraps(fn)
+    def call(self, inputs, *args, **kwargs):
+        with AutocastScope(None):
+            inputs = keras.tree.map_structure(_to_float32, inputs)
+            outputs = fn(self, inputs, *args, **kwargs)
+        return keras.tree.map_structure(
+            lambda y: ops.cast(y, self.compute_dtype), outputs
+        )
+
+    return call
+
+
+def _to_float32(x):
+    if isinstance(x, keras.Variable):
+        x = x.value
+    return ops.cast(x, "float32")
 
 
 def _per_channel(kernel, axis_size):
@@ -92,20 +125,26 @@ def _linear(layer, x, kernel, w_scale, training, apply):
     fake-quantized kernel because the converter stores the codes of the
     fake-quant op's output, whose float32 rounding decides the rare near-ties.
     """
+    first = getattr(layer, "data_format", None) == "channels_first"
     grids = _integer_grids(layer, training)
     if grids is None:
         y = apply(x, kernel)
         if layer.use_bias:
-            y = y + _quantize_bias(layer, layer.bias, w_scale)
+            bias = _quantize_bias(layer, _to_float32(layer.bias), w_scale)
+            y = y + (ops.reshape(bias, (-1, 1, 1)) if first else bias)
     else:
         [(sx, _)], (sy, zy) = grids
         channels = int(np.prod(w_scale.shape))
         codes = integer.to_int(ops.reshape(kernel, (-1, channels)), w_scale)
         acc = apply(integer.to_int(x, sx), ops.reshape(codes, kernel.shape))
+        if first:  # the per-channel scales broadcast over the last axis
+            acc = ops.transpose(acc, (0, 2, 3, 1))
         if layer.use_bias:
-            acc = acc + integer.int_bias(layer.bias, sx, w_scale)
+            acc = acc + integer.int_bias(_to_float32(layer.bias), sx, w_scale)
         q = integer.requantize(acc, sx, w_scale, sy, zy)
-        y = ops.cast(integer.from_int(q, sy, zy), layer.compute_dtype)
+        y = integer.from_int(q, sy, zy)
+        if first:
+            y = ops.transpose(y, (0, 3, 1, 2))
     return layer.activation(y) if layer.activation is not None else y
 
 
@@ -162,15 +201,16 @@ class FakeQuant(keras.layers.Layer):
             name="initialized", shape=(), initializer="zeros", trainable=False
         )
 
+    @_float32
     def call(self, inputs, training=None):
-        lo, hi = self.range_min, self.range_max
+        lo, hi = _to_float32(self.range_min), _to_float32(self.range_max)
         if training:
             x = ops.stop_gradient(inputs)
             b_lo = ops.minimum(ops.min(x), 0.0)
             b_hi = ops.maximum(ops.max(x), 0.0)
-            m = self.momentum * self.initialized
-            lo = m * self.range_min + (1.0 - m) * b_lo
-            hi = m * self.range_max + (1.0 - m) * b_hi
+            m = self.momentum * _to_float32(self.initialized)
+            lo = m * lo + (1.0 - m) * b_lo
+            hi = m * hi + (1.0 - m) * b_hi
             self.range_min.assign(lo)
             self.range_max.assign(hi)
             self.initialized.assign(1.0)
@@ -201,8 +241,10 @@ class QuantConv2D(keras.layers.Conv2D):
     The links are not serialized: call `link_ranges` on a reloaded model.
     """
 
+    @_float32
     def call(self, inputs, training=None):
-        kernel, w_scale = _per_channel(self.kernel, self.kernel.shape[-1])
+        kernel = _to_float32(self.kernel)
+        kernel, w_scale = _per_channel(kernel, kernel.shape[-1])
         return _linear(self, inputs, kernel, w_scale, training, self.convolution_op)
 
 
@@ -216,12 +258,14 @@ class QuantDepthwiseConv2D(keras.layers.DepthwiseConv2D):
             kernel,
             strides=self.strides,
             padding=self.padding,
+            data_format=self.data_format,
             dilation_rate=self.dilation_rate,
         )
 
+    @_float32
     def call(self, inputs, training=None):
         kh, kw, c, mult = self.kernel.shape
-        flat = ops.reshape(self.kernel, (kh, kw, 1, c * mult))
+        flat = ops.reshape(_to_float32(self.kernel), (kh, kw, 1, c * mult))
         flat, w_scale = _per_channel(flat, c * mult)
         kernel = ops.reshape(flat, (kh, kw, c, mult))
         return _linear(self, inputs, kernel, w_scale, training, self._depthwise)
@@ -231,10 +275,12 @@ class QuantDepthwiseConv2D(keras.layers.DepthwiseConv2D):
 class QuantDense(keras.layers.Dense):
     """`Dense` whose kernel is fake-quantized per tensor (symmetric)."""
 
+    @_float32
     def call(self, inputs, training=None):
-        m = ops.maximum(ops.max(ops.abs(self.kernel)), 1e-8)
+        kernel = _to_float32(self.kernel)
+        m = ops.maximum(ops.max(ops.abs(kernel)), 1e-8)
         kernel = tf.quantization.fake_quant_with_min_max_vars(
-            self.kernel, -m, m, num_bits=8, narrow_range=True
+            kernel, -m, m, num_bits=8, narrow_range=True
         )
         w_scale = integer.div32(m, 127.0)
         return _linear(self, inputs, kernel, w_scale, training, ops.matmul)
@@ -244,10 +290,11 @@ class QuantDense(keras.layers.Dense):
 class QuantSharedConv2D(SharedConv2D):
     """`SharedConv2D` whose shared kernel is fake-quantized per channel."""
 
+    @_float32
     def call(self, inputs):
         x, kernel = inputs
-        kernel, _ = _per_channel(ops.cast(kernel, self.compute_dtype), kernel.shape[-1])
-        return ops.conv(x, kernel, strides=self.strides, padding=self.padding)
+        kernel, _ = _per_channel(kernel, kernel.shape[-1])
+        return self._finish(self.convolution_op(x, kernel))
 
 
 @sb_export("sb_keras.export.QuantAdd")
@@ -259,27 +306,27 @@ class QuantAdd(keras.layers.Add):
     (`sb_keras.export.integer.add`).
     """
 
+    @_float32
     def call(self, inputs, training=None):
         grids = _integer_grids(self, training)
         if grids is None or len(inputs) != 2 or len(grids[0]) != 2:
             return super().call(inputs)
         (ga, gb), go = grids
-        y = integer.add(inputs[0], inputs[1], ga, gb, go)
-        return ops.cast(y, self.compute_dtype)
+        return integer.add(inputs[0], inputs[1], ga, gb, go)
 
 
 @sb_export("sb_keras.export.QuantGlobalAveragePooling2D")
 class QuantGlobalAveragePooling2D(keras.layers.GlobalAveragePooling2D):
     """Global average pooling that, in inference, averages like int8 ``MEAN``."""
 
+    @_float32
     def call(self, inputs, training=None):
         grids = _integer_grids(self, training)
         if grids is None:
             return super().call(inputs)
         [gi], go = grids
         axes = [1, 2] if self.data_format == "channels_last" else [2, 3]
-        y = integer.mean(inputs, axes, self.keepdims, gi, go)
-        return ops.cast(y, self.compute_dtype)
+        return integer.mean(inputs, axes, self.keepdims, gi, go)
 
 
 QUANT_LAYERS = (
