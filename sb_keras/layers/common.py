@@ -139,3 +139,21 @@ def float32_value(variable):
 
     with AutocastScope(None):
         return ops.cast(variable.value, "float32")
+
+
+def image_shape(height, width, channels, data_format=None):
+    """An image shape in ``data_format`` (the global one by default)."""
+    if standardize_data_format(data_format) == "channels_last":
+        return (height, width, channels)
+    return (channels, height, width)
+
+
+def height_width_channels(shape, data_format=None):
+    """``(height, width, channels)`` of a rank-3 image shape in ``data_format``.
+
+    ``data_format`` defaults to the global one; the shape must have 3 entries.
+    """
+    shape = tuple(shape)
+    if standardize_data_format(data_format) == "channels_last":
+        return shape
+    return (shape[1], shape[2], shape[0])

@@ -6,6 +6,8 @@ from sb_keras import regularizers
 from sb_keras.api_export import sb_export
 from sb_keras.layers import FilterBasis
 from sb_keras.layers import PixelNormalization
+from sb_keras.layers.common import height_width_channels
+from sb_keras.layers.common import image_shape
 from sb_keras.layers.preprocessing import get_normalization
 from sb_keras.models.mobilenet_v2 import blocks
 
@@ -224,20 +226,23 @@ def _resolve(
             f"`dropout` must be a rate in [0, 1). Received: dropout={dropout!r}"
         )
     if input_shape is None:
-        input_shape = (224, 224, 3) if variant == "imagenet" else (32, 32, 3)
+        size = 224 if variant == "imagenet" else 32
+        input_shape = image_shape(size, size, 3)  # in the global data_format
     min_size = 32 if variant == "imagenet" else 8
     try:
         shape = tuple(input_shape)
     except TypeError:
         shape = ()
+    hwc = height_width_channels(shape) if len(shape) == 3 else ()
     if not (
-        len(shape) == 3
-        and isinstance(shape[2], int)
-        and shape[2] >= 1
-        and all(d is None or (isinstance(d, int) and d >= min_size) for d in shape[:2])
+        len(hwc) == 3
+        and isinstance(hwc[2], int)
+        and hwc[2] >= 1
+        and all(d is None or (isinstance(d, int) and d >= min_size) for d in hwc[:2])
     ):
         raise ValueError(
-            "`input_shape` must be (height, width, channels) with known "
+            "`input_shape` must be (height, width, channels) (channels first "
+            "under the channels_first data format) with known "
             f"channels and spatial sizes >= {min_size} (or None). "
             f"Received: input_shape={input_shape!r}"
         )

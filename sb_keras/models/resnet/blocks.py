@@ -16,9 +16,19 @@ BN_MOMENTUM = 0.9  # PyTorch's momentum=0.1
 BN_EPSILON = 1e-5  # PyTorch's default
 
 
+def channel_axis():
+    """The channel axis of images in the global data format."""
+    return -1 if keras.config.image_data_format() == "channels_last" else 1
+
+
+def channels(x):
+    """The channel count of an image tensor in the global data format."""
+    return x.shape[channel_axis()]
+
+
 def batch_norm(x, name):
     return keras.layers.BatchNormalization(
-        momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name
+        axis=channel_axis(), momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name
     )(x)
 
 
@@ -74,7 +84,7 @@ def basis_conv(x, filters, unique_rank, bases, basis_index, name, penalty):
 
 def shortcut(x, filters, strides, kind, name):
     """Identity, option A (zero-pad) or option B (1x1 conv + BN)."""
-    if strides == 1 and x.shape[-1] == filters:
+    if strides == 1 and channels(x) == filters:
         return x
     if kind == "zero_pad":
         return ZeroPadShortcut(filters, strides=strides, name=name)(x)

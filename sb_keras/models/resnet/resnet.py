@@ -6,6 +6,8 @@ from sb_keras import regularizers
 from sb_keras.api_export import sb_export
 from sb_keras.layers import FilterBasis
 from sb_keras.layers import PixelNormalization
+from sb_keras.layers.common import height_width_channels
+from sb_keras.layers.common import image_shape
 from sb_keras.layers.preprocessing import get_normalization
 from sb_keras.models.resnet import blocks
 
@@ -308,7 +310,8 @@ def _resolve(
     if include_top:
         _check_int("num_classes", num_classes, 1)
     if input_shape is None:
-        input_shape = (224, 224, 3) if stem == "imagenet" else (32, 32, 3)
+        size = 224 if stem == "imagenet" else 32
+        input_shape = image_shape(size, size, 3)  # in the global data_format
     input_shape = _check_input_shape(input_shape, 32 if stem == "imagenet" else 8)
     return {
         "family": family,
@@ -331,7 +334,7 @@ def _check_input_shape(input_shape, min_size):
         shape = None
     ok = shape is not None and len(shape) == 3
     if ok:
-        h, w, c = shape
+        h, w, c = height_width_channels(shape)
         ok = (
             isinstance(c, int)
             and c >= 1
@@ -339,7 +342,8 @@ def _check_input_shape(input_shape, min_size):
         )
     if not ok:
         raise ValueError(
-            "`input_shape` must be (height, width, channels) with known "
+            "`input_shape` must be (height, width, channels) (channels first "
+            "under the channels_first data format) with known "
             f"channels and spatial sizes >= {min_size} (or None). "
             f"Received: input_shape={input_shape!r}"
         )
