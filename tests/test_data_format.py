@@ -149,7 +149,9 @@ def test_acdc_conv_equals_conv2d_with_composed_kernel(channels_first, route, sha
     assert layer.resolved_route == route
     kernel = np.asarray(layer.compose_kernel(alpha))
     bias = np.asarray(layer.bias)
-    reference = reference_conv(x, kernel, bias, strides=2 if shared else 1, padding="same")
+    reference = reference_conv(
+        x, kernel, bias, strides=2 if shared else 1, padding="same"
+    )
     check_close(y, reference)
 
 
