@@ -101,8 +101,12 @@ def test_basis_conv_equals_conv2d_with_folded_kernel(channels_first, shared):
     check_close(y, reference_conv(x, kernel, bias, strides=2))
 
 
-def test_basis_conv_training_matches_channels_last(channels_first):
-    """Batch statistics, moving averages and gradients in both layouts."""
+@pytest.mark.parametrize("frozen_basis_bn", [False, True])
+def test_basis_conv_training_matches_channels_last(channels_first, frozen_basis_bn):
+    """Batch statistics, moving averages and gradients in both layouts.
+
+    With the basis BN frozen the layer takes its two-step path.
+    """
     import tensorflow as tf
 
     x = images((4, 8, 6, 6))
@@ -113,6 +117,7 @@ def test_basis_conv_training_matches_channels_last(channels_first):
         basis = FilterBasis(rank=4, in_channels=8, orthogonality=0.0)
         layer = BasisConv2D(8, unique_rank=1, data_format=fmt)
         layer([data, basis(data)])
+        layer.basis_bn.trainable = not frozen_basis_bn
         if layers:  # the same weights in both layouts
             first = layers["channels_first"]
             basis.set_weights(first[0].get_weights())

@@ -15,9 +15,14 @@ which rebuilds a folded model with them and links every layer to the
 * `QuantSharedConv2D`: a shared (decomposed-layout) kernel, fake-quantized.
 
 Under any dtype policy (``mixed_float16``, ``mixed_bfloat16``) the layers
-compute in float32, where the fake-quant ops and the integer arithmetic are
-defined, reading their float32 variables without Keras's autocast, and cast
-the result back to the layer's compute dtype.
+take float32 inputs (Keras does not cast them down), compute in float32,
+where the fake-quant ops and the integer arithmetic are defined, reading
+their float32 variables without Keras's autocast, and cast the result back
+to the layer's compute dtype. The int8 values between layers then pass
+through that dtype: float16 holds every ``(q - z) * s`` closely enough to
+keep its code (error below 0.13 of a step), bfloat16 (8 significant bits)
+not always (up to half a step for the largest codes), so the integer path
+is exact under float32 and ``mixed_float16`` policies only.
 """
 
 import contextlib
@@ -52,6 +57,14 @@ def _float32(fn):
         )
 
     return call
+
+
+class _Float32Inputs:
+    """Mixin: Keras casts the layer's float inputs to float32, not lower."""
+
+    @property
+    def input_dtype(self):
+        return "float32"
 
 
 def _to_float32(x):
@@ -166,7 +179,7 @@ def _quantize_bias(layer, bias, weight_scale):
 
 
 @sb_export("sb_keras.export.FakeQuant")
-class FakeQuant(keras.layers.Layer):
+class FakeQuant(_Float32Inputs, keras.layers.Layer):
     """Per-tensor int8 fake quantization of activations with EMA ranges.
 
     In training the range ``[min, max]`` (always containing 0) follows an
@@ -232,7 +245,7 @@ class FakeQuant(keras.layers.Layer):
 
 
 @sb_export("sb_keras.export.QuantConv2D")
-class QuantConv2D(keras.layers.Conv2D):
+class QuantConv2D(_Float32Inputs, keras.layers.Conv2D):
     """`Conv2D` whose kernel is fake-quantized per output channel.
 
     Built by `quantize_aware_model`, which links it to the `FakeQuant` of
@@ -249,7 +262,7 @@ class QuantConv2D(keras.layers.Conv2D):
 
 
 @sb_export("sb_keras.export.QuantDepthwiseConv2D")
-class QuantDepthwiseConv2D(keras.layers.DepthwiseConv2D):
+class QuantDepthwiseConv2D(_Float32Inputs, keras.layers.DepthwiseConv2D):
     """`DepthwiseConv2D` whose kernel is fake-quantized per channel."""
 
     def _depthwise(self, inputs, kernel):
@@ -272,7 +285,7 @@ class QuantDepthwiseConv2D(keras.layers.DepthwiseConv2D):
 
 
 @sb_export("sb_keras.export.QuantDense")
-class QuantDense(keras.layers.Dense):
+class QuantDense(_Float32Inputs, keras.layers.Dense):
     """`Dense` whose kernel is fake-quantized per tensor (symmetric)."""
 
     @_float32
@@ -287,7 +300,7 @@ class QuantDense(keras.layers.Dense):
 
 
 @sb_export("sb_keras.export.QuantSharedConv2D")
-class QuantSharedConv2D(SharedConv2D):
+class QuantSharedConv2D(_Float32Inputs, SharedConv2D):
     """`SharedConv2D` whose shared kernel is fake-quantized per channel."""
 
     @_float32
@@ -298,7 +311,7 @@ class QuantSharedConv2D(SharedConv2D):
 
 
 @sb_export("sb_keras.export.QuantAdd")
-class QuantAdd(keras.layers.Add):
+class QuantAdd(_Float32Inputs, keras.layers.Add):
     """`Add` of two tensors that, in inference, adds like the int8 kernel.
 
     Training adds in float (the fake quant after it rounds); inference
@@ -316,7 +329,7 @@ class QuantAdd(keras.layers.Add):
 
 
 @sb_export("sb_keras.export.QuantGlobalAveragePooling2D")
-class QuantGlobalAveragePooling2D(keras.layers.GlobalAveragePooling2D):
+class QuantGlobalAveragePooling2D(_Float32Inputs, keras.layers.GlobalAveragePooling2D):
     """Global average pooling that, in inference, averages like int8 ``MEAN``."""
 
     @_float32

@@ -63,8 +63,8 @@ class ACDCCoefficients(keras.layers.Layer):
     >>> import keras, sb_keras
     >>> x = keras.Input((8, 8, 32))
     >>> alpha = sb_keras.layers.ACDCCoefficients(num_atoms=6, in_group=16)(x)
-    >>> y = sb_keras.layers.ACDCConv2D(32)([x, alpha])
-    >>> y = sb_keras.layers.ACDCConv2D(64)([y, alpha])
+    >>> y = sb_keras.layers.ACDCConv2D(32, use_bias=False)([x, alpha])
+    >>> y = sb_keras.layers.ACDCConv2D(64, use_bias=False)([y, alpha])
     >>> model = keras.Model(x, y)
     >>> sb_keras.count_params(model)  # alpha + 4 and 8 blocks of 6 3x3 atoms
     2184
