@@ -199,3 +199,34 @@ def test_model_matches_channels_last_on_transposed_inputs(name):
     got = np.asarray(model(nchw(x), training=False))
     assert np.abs(expected).max() > 1e-3  # freshly initialized: small logits
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_qat_integer_path_matches_channels_last():
+    """QAT layers under channels_first: the same int8 codes as channels_last."""
+    from sb_keras import export
+
+    def op_model(shape):
+        x = keras.Input(shape)
+        y = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(x)
+        y = keras.layers.DepthwiseConv2D(3, strides=2, padding="same")(y)
+        y = keras.layers.Conv2D(6, 1)(y)
+        return keras.Model(x, keras.layers.GlobalAveragePooling2D()(y))
+
+    rng = np.random.RandomState(0)
+    x = rng.normal(0.3, 1.0, (32, 6, 6, 4)).astype("float32")
+    reference = export.quantize_aware_model(op_model((6, 6, 4)))
+    reference.set_weights([rng.normal(0, 0.3, w.shape) for w in reference.weights])
+    for i in range(0, 32, 8):
+        reference(x[i : i + 8], training=True)
+    previous = keras.config.image_data_format()
+    keras.config.set_image_data_format("channels_first")
+    try:
+        qat = export.quantize_aware_model(op_model((4, 6, 6)))
+    finally:
+        keras.config.set_image_data_format(previous)
+    qat.set_weights(reference.get_weights())
+    step = export.qat.output_quant_step(reference)
+    expected = np.round(np.asarray(reference(x, training=False)) / step)
+    got = np.round(np.asarray(qat(nchw(x), training=False)) / step)
+    assert np.abs(expected).max() > 5
+    np.testing.assert_array_equal(got, expected)

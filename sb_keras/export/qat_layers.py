@@ -137,6 +137,10 @@ def _linear(layer, x, kernel, w_scale, training, apply):
     requantization of the kernels. The weight codes are read from the
     fake-quantized kernel because the converter stores the codes of the
     fake-quant op's output, whose float32 rounding decides the rare near-ties.
+
+    ``apply`` takes a ``data_format`` keyword when the layer has one: the
+    integer path runs channels_last (TensorFlow's float64 CPU convolutions
+    are NHWC only), transposing a channels_first input and output.
     """
     first = getattr(layer, "data_format", None) == "channels_first"
     grids = _integer_grids(layer, training)
@@ -149,9 +153,13 @@ def _linear(layer, x, kernel, w_scale, training, apply):
         [(sx, _)], (sy, zy) = grids
         channels = int(np.prod(w_scale.shape))
         codes = integer.to_int(ops.reshape(kernel, (-1, channels)), w_scale)
-        acc = apply(integer.to_int(x, sx), ops.reshape(codes, kernel.shape))
-        if first:  # the per-channel scales broadcast over the last axis
-            acc = ops.transpose(acc, (0, 2, 3, 1))
+        x_int = integer.to_int(x, sx)
+        kernel_int = ops.reshape(codes, kernel.shape)
+        if first:
+            x_int = ops.transpose(x_int, (0, 2, 3, 1))
+            acc = apply(x_int, kernel_int, data_format="channels_last")
+        else:
+            acc = apply(x_int, kernel_int)
         if layer.use_bias:
             acc = acc + integer.int_bias(_to_float32(layer.bias), sx, w_scale)
         q = integer.requantize(acc, sx, w_scale, sy, zy)
@@ -258,20 +266,30 @@ class QuantConv2D(_Float32Inputs, keras.layers.Conv2D):
     def call(self, inputs, training=None):
         kernel = _to_float32(self.kernel)
         kernel, w_scale = _per_channel(kernel, kernel.shape[-1])
-        return _linear(self, inputs, kernel, w_scale, training, self.convolution_op)
+        return _linear(self, inputs, kernel, w_scale, training, self._conv)
+
+    def _conv(self, inputs, kernel, data_format=None):
+        return ops.conv(
+            inputs,
+            kernel,
+            strides=self.strides,
+            padding=self.padding,
+            dilation_rate=self.dilation_rate,
+            data_format=data_format or self.data_format,
+        )
 
 
 @sb_export("sb_keras.export.QuantDepthwiseConv2D")
 class QuantDepthwiseConv2D(_Float32Inputs, keras.layers.DepthwiseConv2D):
     """`DepthwiseConv2D` whose kernel is fake-quantized per channel."""
 
-    def _depthwise(self, inputs, kernel):
+    def _depthwise(self, inputs, kernel, data_format=None):
         return ops.depthwise_conv(
             inputs,
             kernel,
             strides=self.strides,
             padding=self.padding,
-            data_format=self.data_format,
+            data_format=data_format or self.data_format,
             dilation_rate=self.dilation_rate,
         )
 
