@@ -11,6 +11,7 @@ True
 from sb_keras import export
 from sb_keras import layers
 from sb_keras import regularizers
+from sb_keras import saving
 from sb_keras.analysis import orthogonality
 from sb_keras.analysis import orthogonality_loss
 from sb_keras.checkpoints import load_authors_checkpoint
@@ -38,6 +39,7 @@ __all__ = [
     "orthogonality",
     "orthogonality_loss",
     "regularizers",
+    "saving",
     "__version__",
     "load_authors_checkpoint",
     "ACDCResNet",

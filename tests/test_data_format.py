@@ -101,8 +101,13 @@ def test_basis_conv_equals_conv2d_with_folded_kernel(channels_first, shared):
     check_close(y, reference_conv(x, kernel, bias, strides=2))
 
 
-@pytest.mark.parametrize("frozen_basis_bn", [False, True])
-def test_basis_conv_training_matches_channels_last(channels_first, frozen_basis_bn):
+@pytest.mark.parametrize(
+    "frozen_basis_bn, batchnorm",
+    [(False, "keras"), (True, "keras"), (False, "pytorch")],
+)
+def test_basis_conv_training_matches_channels_last(
+    channels_first, frozen_basis_bn, batchnorm
+):
     """Batch statistics, moving averages and gradients in both layouts.
 
     With the basis BN frozen the layer takes its two-step path.
@@ -115,7 +120,7 @@ def test_basis_conv_training_matches_channels_last(channels_first, frozen_basis_
     for fmt in ("channels_first", "channels_last"):
         data = x if fmt == "channels_first" else nhwc(x)
         basis = FilterBasis(rank=4, in_channels=8, orthogonality=0.0)
-        layer = BasisConv2D(8, unique_rank=1, data_format=fmt)
+        layer = BasisConv2D(8, unique_rank=1, data_format=fmt, batchnorm=batchnorm)
         layer([data, basis(data)])
         layer.basis_bn.trainable = not frozen_basis_bn
         if layers:  # the same weights in both layouts

@@ -25,6 +25,7 @@ from sb_keras.layers import BasisConv2D
 from sb_keras.layers import FilterBasis
 from sb_keras.layers import PixelNormalization
 from sb_keras.layers import SharedConv2D
+from sb_keras.layers import TorchBatchNormalization
 from sb_keras.layers import ZeroPadShortcut
 
 X = (2, 6, 6, 4)  # channels_last image batch
@@ -54,6 +55,14 @@ CASES = [
         (X, (3, 3, 4, 5), (3, 3, 4, 5)),
         (2, 3, 3, 8),
     ),
+    (
+        "basis_conv_torch_bn",
+        BasisConv2D,
+        {"filters": 8, "unique_rank": 1, "batchnorm": "pytorch"},
+        (X, (3, 3, 4, 5)),
+        (2, 6, 6, 8),
+    ),
+    ("torch_batch_norm", TorchBatchNormalization, {}, X, X),
     (
         "shared_conv",
         SharedConv2D,
@@ -117,6 +126,7 @@ CASES = [
 # Layers with a data format, run again under global channels_first.
 CHANNELS_FIRST = {
     "basis_conv_unique",
+    "basis_conv_torch_bn",
     "basis_conv_shared",
     "shared_conv",
     "acdc_conv_own",

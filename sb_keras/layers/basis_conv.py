@@ -7,6 +7,9 @@ from keras import ops
 from sb_keras import regularizers
 from sb_keras.api_export import sb_export
 from sb_keras.layers import initializers as sb_init
+from sb_keras.layers.batch_norm import batch_normalization
+from sb_keras.layers.batch_norm import check_batchnorm
+from sb_keras.layers.batch_norm import update_moving_statistics
 from sb_keras.layers.common import channel_axis
 from sb_keras.layers.common import check_int_tuple
 from sb_keras.layers.common import check_padding
@@ -94,6 +97,10 @@ class BasisConv2D(keras.layers.Layer):
             Defaults to None.
         coefficient_constraint: constraint of the 1x1 coefficients.
             Defaults to None.
+        batchnorm: `"keras"` (default) or `"pytorch"`: the moving-statistics
+            convention of both BNs (see `TorchBatchNormalization`: the
+            unbiased batch variance and ``num_batches_tracked``, as the
+            authors' PyTorch model).
 
     Example:
 
@@ -128,6 +135,7 @@ class BasisConv2D(keras.layers.Layer):
         kernel_constraint=None,
         coefficient_regularizer=None,
         coefficient_constraint=None,
+        batchnorm="keras",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -172,14 +180,17 @@ class BasisConv2D(keras.layers.Layer):
             if orthogonality_normalizer is None
             else float(orthogonality_normalizer)
         )
-        self.basis_bn = keras.layers.BatchNormalization(
+        self.batchnorm = check_batchnorm(batchnorm)
+        self.basis_bn = batch_normalization(
+            self.batchnorm,
             axis=self._axis,
             momentum=self.momentum,
             epsilon=self.epsilon,
             name="basis_bn",
             dtype=self.dtype_policy,
         )
-        self.bn = keras.layers.BatchNormalization(
+        self.bn = batch_normalization(
+            self.batchnorm,
             axis=self._axis,
             momentum=self.momentum,
             epsilon=self.epsilon,
@@ -349,8 +360,12 @@ class BasisConv2D(keras.layers.Layer):
         # The output's batch mean is not the two-step one (the shift was
         # dropped); its moving mean is set from the exact value below.
         out, _, variance_y = _fused_training_bn(self.bn, y, offset, self.data_format)
-        _update_moving(self.basis_bn, mean, variance)
-        _update_moving(self.bn, ops.matmul(beta_b, coeff[0, 0]), variance_y)
+        # z and y have the same N*H*W values per channel (y is 1x1 of z).
+        count = _count(z, self.data_format) if self.batchnorm == "pytorch" else None
+        update_moving_statistics(self.basis_bn, mean, variance, count)
+        update_moving_statistics(
+            self.bn, ops.matmul(beta_b, coeff[0, 0]), variance_y, count
+        )
         return ops.cast(out, self.compute_dtype)
 
     def _composed(self, basis, dtype="float32"):
@@ -435,6 +450,7 @@ class BasisConv2D(keras.layers.Layer):
                 "coefficient_constraint": keras.constraints.serialize(
                     self.coefficient_constraint
                 ),
+                "batchnorm": self.batchnorm,
             }
         )
         return config
@@ -451,7 +467,7 @@ def _batch_norm(bn, x, training, data_format="channels_last"):
     if training and bn.trainable:
         beta = ops.cast(bn.beta, "float32")
         y, mean, variance = _fused_training_bn(bn, x, beta, data_format)
-        _update_moving(bn, mean, variance)
+        update_moving_statistics(bn, mean, variance, _count(x, data_format))
         return ops.cast(y, bn.compute_dtype)
     scale, shift = _bn_affine_tensors(bn)
     if data_format == "channels_first":
@@ -534,13 +550,10 @@ def _kept_axis(axes):
     return ({0, 1, 2, 3} - set(axes)).pop()
 
 
-def _update_moving(bn, mean, variance):
-    """Keras's moving-average update of a BN sub-layer's statistics."""
-    m = bn.momentum
-    mean = ops.stop_gradient(ops.cast(mean, bn.moving_mean.dtype))
-    variance = ops.stop_gradient(ops.cast(variance, bn.moving_variance.dtype))
-    bn.moving_mean.assign(bn.moving_mean * m + mean * (1.0 - m))
-    bn.moving_variance.assign(bn.moving_variance * m + variance * (1.0 - m))
+def _count(x, data_format="channels_last"):
+    """Values per channel of a 4-D tensor, ``N*H*W``, as a float32 scalar."""
+    channels = ops.shape(x)[1 if data_format == "channels_first" else 3]
+    return ops.cast(ops.size(x) // channels, "float32")
 
 
 def _bn_affine_tensors(bn, dtype="float32"):

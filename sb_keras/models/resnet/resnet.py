@@ -99,6 +99,12 @@ class ResNet(keras.Model):
             CIFAR-stem ResNet-18/34.
         orthogonality: lambda of the orthogonality penalty. Defaults to `10`.
         orthogonality_include_unique: use the CIFAR-10 variant of the penalty.
+        batchnorm: `"keras"` (default) or `"pytorch"`: how every BatchNorm
+            updates its running statistics in training. `"pytorch"` (the
+            default of the models converted from the authors' checkpoints)
+            averages the unbiased batch variance and counts
+            ``num_batches_tracked``, as ``torch.nn.BatchNorm2d``; see
+            `sb_keras.layers.TorchBatchNormalization`.
         name: model name.
 
     Example:
@@ -130,6 +136,7 @@ class ResNet(keras.Model):
         preprocessing="auto",
         orthogonality=10.0,
         orthogonality_include_unique=False,
+        batchnorm="keras",
         name=None,
         **kwargs,
     ):
@@ -153,7 +160,8 @@ class ResNet(keras.Model):
             mean, std = get_normalization(preprocessing)
             x = PixelNormalization(mean, std, name="preprocessing")(x)
         builder = _build_cifar if spec["family"] == "cifar" else _build_imagenet
-        outputs = builder(x, spec, orthogonality_include_unique)
+        with blocks.batchnorm_convention(batchnorm):
+            outputs = builder(x, spec, orthogonality_include_unique)
         if include_top:
             outputs = blocks.classifier(
                 outputs, spec["num_classes"], classifier_activation
@@ -175,6 +183,7 @@ class ResNet(keras.Model):
         self.preprocessing = preprocessing
         self.orthogonality = spec["orthogonality"]
         self.orthogonality_include_unique = bool(orthogonality_include_unique)
+        self.batchnorm = batchnorm
 
     def get_config(self):
         return {
@@ -191,6 +200,7 @@ class ResNet(keras.Model):
             "preprocessing": self.preprocessing,
             "orthogonality": self.orthogonality,
             "orthogonality_include_unique": self.orthogonality_include_unique,
+            "batchnorm": self.batchnorm,
             "name": self.name,
             "trainable": self.trainable,
         }
