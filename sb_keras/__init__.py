@@ -22,6 +22,9 @@ from sb_keras.models import ACDCResNet
 from sb_keras.models import MobileNetV2
 from sb_keras.models import ResNet
 from sb_keras.models import freeze_all_but_atoms
+from sb_keras.presets import from_preset
+from sb_keras.presets import list_presets
+from sb_keras.presets import save_to_preset
 from sb_keras.registry import get_model
 from sb_keras.registry import list_models
 from sb_keras.registry import model_info
@@ -46,4 +49,7 @@ __all__ = [
     "freeze_all_but_atoms",
     "MobileNetV2",
     "export",
+    "from_preset",
+    "list_presets",
+    "save_to_preset",
 ]
