@@ -56,9 +56,9 @@ def layer_macs(layer, input_shapes, output_shape):
     """Multiply-accumulates of one call of ``layer`` for one example."""
     if isinstance(layer, BasisConv2D):
         out = _spatial(output_shape)
-        k = layer.kernel_size
+        kh, kw = layer.kernel_size
         channels = input_shapes[0][-1]
-        return out * (k * k * channels * layer.rank + layer.rank * layer.filters)
+        return out * (kh * kw * channels * layer.rank + layer.rank * layer.filters)
     if isinstance(layer, SharedConv2D):
         kh, kw, cin, cout = layer.kernel_shape
         return _spatial(output_shape) * kh * kw * cin * cout

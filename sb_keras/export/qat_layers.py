@@ -13,18 +13,64 @@ which rebuilds a folded model with them and links every layer to the
 * `QuantAdd`, `QuantGlobalAveragePooling2D`: float in training, the int8
   ``ADD`` / ``MEAN`` in inference.
 * `QuantSharedConv2D`: a shared (decomposed-layout) kernel, fake-quantized.
+
+Under any dtype policy (``mixed_float16``, ``mixed_bfloat16``) the layers
+take float32 inputs (Keras does not cast them down), compute in float32,
+where the fake-quant ops and the integer arithmetic are defined, reading
+their float32 variables without Keras's autocast, and cast the result back
+to the layer's compute dtype. The int8 values between layers then pass
+through that dtype: float16 holds every ``(q - z) * s`` closely enough to
+keep its code (error below 0.13 of a step), bfloat16 (8 significant bits)
+not always (up to half a step for the largest codes), so the integer path
+is exact under float32 and ``mixed_float16`` policies only.
 """
 
 import contextlib
+import functools
 
 import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
+from keras.src.backend import AutocastScope
 
 from sb_keras.api_export import sb_export
 from sb_keras.export import integer
 from sb_keras.layers import SharedConv2D
+
+
+def _float32(fn):
+    """Runs a ``call(self, inputs, ...)`` in float32, returns compute dtype.
+
+    The inputs are cast to float32 and the variables are read without
+    autocast (their float32 values); the outputs are cast to the layer's
+    compute dtype. A no-op under a float32 policy.
+    """
+
+    @functools.wraps(fn)
+    def call(self, inputs, *args, **kwargs):
+        with AutocastScope(None):
+            inputs = keras.tree.map_structure(_to_float32, inputs)
+            outputs = fn(self, inputs, *args, **kwargs)
+        return keras.tree.map_structure(
+            lambda y: ops.cast(y, self.compute_dtype), outputs
+        )
+
+    return call
+
+
+class _Float32Inputs:
+    """Mixin: Keras casts the layer's float inputs to float32, not lower."""
+
+    @property
+    def input_dtype(self):
+        return "float32"
+
+
+def _to_float32(x):
+    if isinstance(x, keras.Variable):
+        x = x.value
+    return ops.cast(x, "float32")
 
 
 def _per_channel(kernel, axis_size):
@@ -91,21 +137,35 @@ def _linear(layer, x, kernel, w_scale, training, apply):
     requantization of the kernels. The weight codes are read from the
     fake-quantized kernel because the converter stores the codes of the
     fake-quant op's output, whose float32 rounding decides the rare near-ties.
+
+    ``apply`` takes a ``data_format`` keyword when the layer has one: the
+    integer path runs channels_last (TensorFlow's float64 CPU convolutions
+    are NHWC only), transposing a channels_first input and output.
     """
+    first = getattr(layer, "data_format", None) == "channels_first"
     grids = _integer_grids(layer, training)
     if grids is None:
         y = apply(x, kernel)
         if layer.use_bias:
-            y = y + _quantize_bias(layer, layer.bias, w_scale)
+            bias = _quantize_bias(layer, _to_float32(layer.bias), w_scale)
+            y = y + (ops.reshape(bias, (-1, 1, 1)) if first else bias)
     else:
         [(sx, _)], (sy, zy) = grids
         channels = int(np.prod(w_scale.shape))
         codes = integer.to_int(ops.reshape(kernel, (-1, channels)), w_scale)
-        acc = apply(integer.to_int(x, sx), ops.reshape(codes, kernel.shape))
+        x_int = integer.to_int(x, sx)
+        kernel_int = ops.reshape(codes, kernel.shape)
+        if first:
+            x_int = ops.transpose(x_int, (0, 2, 3, 1))
+            acc = apply(x_int, kernel_int, data_format="channels_last")
+        else:
+            acc = apply(x_int, kernel_int)
         if layer.use_bias:
-            acc = acc + integer.int_bias(layer.bias, sx, w_scale)
+            acc = acc + integer.int_bias(_to_float32(layer.bias), sx, w_scale)
         q = integer.requantize(acc, sx, w_scale, sy, zy)
-        y = ops.cast(integer.from_int(q, sy, zy), layer.compute_dtype)
+        y = integer.from_int(q, sy, zy)
+        if first:
+            y = ops.transpose(y, (0, 3, 1, 2))
     return layer.activation(y) if layer.activation is not None else y
 
 
@@ -127,7 +187,7 @@ def _quantize_bias(layer, bias, weight_scale):
 
 
 @sb_export("sb_keras.export.FakeQuant")
-class FakeQuant(keras.layers.Layer):
+class FakeQuant(_Float32Inputs, keras.layers.Layer):
     """Per-tensor int8 fake quantization of activations with EMA ranges.
 
     In training the range ``[min, max]`` (always containing 0) follows an
@@ -162,15 +222,16 @@ class FakeQuant(keras.layers.Layer):
             name="initialized", shape=(), initializer="zeros", trainable=False
         )
 
+    @_float32
     def call(self, inputs, training=None):
-        lo, hi = self.range_min, self.range_max
+        lo, hi = _to_float32(self.range_min), _to_float32(self.range_max)
         if training:
             x = ops.stop_gradient(inputs)
             b_lo = ops.minimum(ops.min(x), 0.0)
             b_hi = ops.maximum(ops.max(x), 0.0)
-            m = self.momentum * self.initialized
-            lo = m * self.range_min + (1.0 - m) * b_lo
-            hi = m * self.range_max + (1.0 - m) * b_hi
+            m = self.momentum * _to_float32(self.initialized)
+            lo = m * lo + (1.0 - m) * b_lo
+            hi = m * hi + (1.0 - m) * b_hi
             self.range_min.assign(lo)
             self.range_max.assign(hi)
             self.initialized.assign(1.0)
@@ -192,7 +253,7 @@ class FakeQuant(keras.layers.Layer):
 
 
 @sb_export("sb_keras.export.QuantConv2D")
-class QuantConv2D(keras.layers.Conv2D):
+class QuantConv2D(_Float32Inputs, keras.layers.Conv2D):
     """`Conv2D` whose kernel is fake-quantized per output channel.
 
     Built by `quantize_aware_model`, which links it to the `FakeQuant` of
@@ -201,57 +262,74 @@ class QuantConv2D(keras.layers.Conv2D):
     The links are not serialized: call `link_ranges` on a reloaded model.
     """
 
+    @_float32
     def call(self, inputs, training=None):
-        kernel, w_scale = _per_channel(self.kernel, self.kernel.shape[-1])
-        return _linear(self, inputs, kernel, w_scale, training, self.convolution_op)
+        kernel = _to_float32(self.kernel)
+        kernel, w_scale = _per_channel(kernel, kernel.shape[-1])
+        return _linear(self, inputs, kernel, w_scale, training, self._conv)
 
-
-@sb_export("sb_keras.export.QuantDepthwiseConv2D")
-class QuantDepthwiseConv2D(keras.layers.DepthwiseConv2D):
-    """`DepthwiseConv2D` whose kernel is fake-quantized per channel."""
-
-    def _depthwise(self, inputs, kernel):
-        return ops.depthwise_conv(
+    def _conv(self, inputs, kernel, data_format=None):
+        return ops.conv(
             inputs,
             kernel,
             strides=self.strides,
             padding=self.padding,
             dilation_rate=self.dilation_rate,
+            data_format=data_format or self.data_format,
         )
 
+
+@sb_export("sb_keras.export.QuantDepthwiseConv2D")
+class QuantDepthwiseConv2D(_Float32Inputs, keras.layers.DepthwiseConv2D):
+    """`DepthwiseConv2D` whose kernel is fake-quantized per channel."""
+
+    def _depthwise(self, inputs, kernel, data_format=None):
+        return ops.depthwise_conv(
+            inputs,
+            kernel,
+            strides=self.strides,
+            padding=self.padding,
+            data_format=data_format or self.data_format,
+            dilation_rate=self.dilation_rate,
+        )
+
+    @_float32
     def call(self, inputs, training=None):
         kh, kw, c, mult = self.kernel.shape
-        flat = ops.reshape(self.kernel, (kh, kw, 1, c * mult))
+        flat = ops.reshape(_to_float32(self.kernel), (kh, kw, 1, c * mult))
         flat, w_scale = _per_channel(flat, c * mult)
         kernel = ops.reshape(flat, (kh, kw, c, mult))
         return _linear(self, inputs, kernel, w_scale, training, self._depthwise)
 
 
 @sb_export("sb_keras.export.QuantDense")
-class QuantDense(keras.layers.Dense):
+class QuantDense(_Float32Inputs, keras.layers.Dense):
     """`Dense` whose kernel is fake-quantized per tensor (symmetric)."""
 
+    @_float32
     def call(self, inputs, training=None):
-        m = ops.maximum(ops.max(ops.abs(self.kernel)), 1e-8)
+        kernel = _to_float32(self.kernel)
+        m = ops.maximum(ops.max(ops.abs(kernel)), 1e-8)
         kernel = tf.quantization.fake_quant_with_min_max_vars(
-            self.kernel, -m, m, num_bits=8, narrow_range=True
+            kernel, -m, m, num_bits=8, narrow_range=True
         )
         w_scale = integer.div32(m, 127.0)
         return _linear(self, inputs, kernel, w_scale, training, ops.matmul)
 
 
 @sb_export("sb_keras.export.QuantSharedConv2D")
-class QuantSharedConv2D(SharedConv2D):
+class QuantSharedConv2D(_Float32Inputs, SharedConv2D):
     """`SharedConv2D` whose shared kernel is fake-quantized per channel."""
 
+    @_float32
     def call(self, inputs):
         x, kernel = inputs
-        kernel, _ = _per_channel(ops.cast(kernel, self.compute_dtype), kernel.shape[-1])
-        return ops.conv(x, kernel, strides=self.strides, padding=self.padding)
+        kernel, _ = _per_channel(kernel, kernel.shape[-1])
+        return self._finish(self.convolution_op(x, kernel))
 
 
 @sb_export("sb_keras.export.QuantAdd")
-class QuantAdd(keras.layers.Add):
+class QuantAdd(_Float32Inputs, keras.layers.Add):
     """`Add` of two tensors that, in inference, adds like the int8 kernel.
 
     Training adds in float (the fake quant after it rounds); inference
@@ -259,27 +337,27 @@ class QuantAdd(keras.layers.Add):
     (`sb_keras.export.integer.add`).
     """
 
+    @_float32
     def call(self, inputs, training=None):
         grids = _integer_grids(self, training)
         if grids is None or len(inputs) != 2 or len(grids[0]) != 2:
             return super().call(inputs)
         (ga, gb), go = grids
-        y = integer.add(inputs[0], inputs[1], ga, gb, go)
-        return ops.cast(y, self.compute_dtype)
+        return integer.add(inputs[0], inputs[1], ga, gb, go)
 
 
 @sb_export("sb_keras.export.QuantGlobalAveragePooling2D")
-class QuantGlobalAveragePooling2D(keras.layers.GlobalAveragePooling2D):
+class QuantGlobalAveragePooling2D(_Float32Inputs, keras.layers.GlobalAveragePooling2D):
     """Global average pooling that, in inference, averages like int8 ``MEAN``."""
 
+    @_float32
     def call(self, inputs, training=None):
         grids = _integer_grids(self, training)
         if grids is None:
             return super().call(inputs)
         [gi], go = grids
         axes = [1, 2] if self.data_format == "channels_last" else [2, 3]
-        y = integer.mean(inputs, axes, self.keepdims, gi, go)
-        return ops.cast(y, self.compute_dtype)
+        return integer.mean(inputs, axes, self.keepdims, gi, go)
 
 
 QUANT_LAYERS = (

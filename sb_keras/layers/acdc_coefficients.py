@@ -7,6 +7,7 @@ from keras import ops
 
 from sb_keras.api_export import sb_export
 from sb_keras.layers.common import check_positive_int
+from sb_keras.layers.common import float32_value
 
 
 def default_coefficient_initializer(num_atoms, out_group):
@@ -44,7 +45,10 @@ class ACDCCoefficients(keras.layers.Layer):
     anchor; its value is ignored). ACDC has no orthogonality penalty, so
     nothing is added to the losses.
 
-    The variable is always float32; users cast it to their compute dtype.
+    The variable is always float32. The layer's default dtype is float32
+    (users cast alpha to their compute dtype); under a mixed policy
+    (``dtype="mixed_float16"``) it returns alpha autocast to the compute
+    dtype, as ``compute_output_spec`` says.
 
     Args:
         num_atoms: ``m``, atoms per sub-convolution (the last axis of alpha).
@@ -59,8 +63,8 @@ class ACDCCoefficients(keras.layers.Layer):
     >>> import keras, sb_keras
     >>> x = keras.Input((8, 8, 32))
     >>> alpha = sb_keras.layers.ACDCCoefficients(num_atoms=6, in_group=16)(x)
-    >>> y = sb_keras.layers.ACDCConv2D(32)([x, alpha])
-    >>> y = sb_keras.layers.ACDCConv2D(64)([y, alpha])
+    >>> y = sb_keras.layers.ACDCConv2D(32, use_bias=False)([x, alpha])
+    >>> y = sb_keras.layers.ACDCConv2D(64, use_bias=False)([y, alpha])
     >>> model = keras.Model(x, y)
     >>> sb_keras.count_params(model)  # alpha + 4 and 8 blocks of 6 3x3 atoms
     2184
@@ -105,7 +109,7 @@ class ACDCCoefficients(keras.layers.Layer):
 
     def call(self, inputs=None):
         del inputs  # the anchor only places alpha in the graph
-        return ops.convert_to_tensor(self.alpha)
+        return ops.cast(float32_value(self.alpha), self.compute_dtype)
 
     def compute_output_shape(self, input_shape=None):
         return self.alpha_shape

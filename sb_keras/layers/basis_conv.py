@@ -10,9 +10,15 @@ from sb_keras.layers import initializers as sb_init
 from sb_keras.layers.batch_norm import batch_normalization
 from sb_keras.layers.batch_norm import check_batchnorm
 from sb_keras.layers.batch_norm import update_moving_statistics
+from sb_keras.layers.common import channel_axis
+from sb_keras.layers.common import check_int_tuple
+from sb_keras.layers.common import check_padding
 from sb_keras.layers.common import check_positive_int
+from sb_keras.layers.common import check_strides_dilation
 from sb_keras.layers.common import conv_output_shape
+from sb_keras.layers.common import image_input_spec
 from sb_keras.layers.common import split_kernel_inputs
+from sb_keras.layers.common import standardize_data_format
 
 
 @sb_export("sb_keras.layers.BasisConv2D")
@@ -47,15 +53,30 @@ class BasisConv2D(keras.layers.Layer):
     is added by the `FilterBasis`.
 
     In inference mode the whole layer is one ``k x k`` convolution with a
-    bias; `fold` returns that kernel and bias.
+    bias; `fold` returns that kernel and bias (in Keras's ``(kh, kw, in,
+    out)`` layout, whatever the ``data_format``).
+
+    The arguments follow ``keras.layers.Conv2D`` where they apply to a
+    decomposed convolution. ``use_bias=True`` is deliberately not supported
+    (``ValueError``): the output BatchNorm's ``beta`` already is the bias.
 
     Args:
         filters: output channels.
         unique_rank: filters of the per-layer unique basis (``u_g``); `0`
             for the "SharedOnly" ablation.
-        kernel_size: spatial size of the bases. Defaults to `3`.
-        strides: strides of the basis convolution. Defaults to `1`.
-        padding: `"same"` or `"valid"`. Defaults to `"same"`.
+        kernel_size: spatial size of the bases, an int or a tuple of two.
+            Defaults to `3`.
+        strides: strides of the basis convolution, an int or a tuple of
+            two. Defaults to `1`.
+        padding: `"same"` or `"valid"` (case-insensitive). Defaults to
+            `"same"`.
+        data_format: `"channels_last"` or `"channels_first"`. Defaults to
+            ``keras.config.image_data_format()``.
+        dilation_rate: dilation of the basis convolution, an int or a tuple
+            of two. Defaults to `1`.
+        activation: applied to the output (after the BatchNorm). Defaults
+            to None.
+        use_bias: must be `False` (see above).
         basis_index: which tensor of the ``bases`` inputs to convolve with.
         kernel_initializer: initializer of the unique basis. Defaults to
             Kaiming normal (fan-out), as the authors' code.
@@ -69,6 +90,13 @@ class BasisConv2D(keras.layers.Layer):
         orthogonality_normalizer: denominator of the pooled mean (the
             model passes the total entry count). Defaults to this layer's own
             entry count.
+        kernel_regularizer: regularizer of the unique basis. Defaults to
+            None (a shared basis takes its own, see `FilterBasis`).
+        kernel_constraint: constraint of the unique basis. Defaults to None.
+        coefficient_regularizer: regularizer of the 1x1 coefficients.
+            Defaults to None.
+        coefficient_constraint: constraint of the 1x1 coefficients.
+            Defaults to None.
         batchnorm: `"keras"` (default) or `"pytorch"`: the moving-statistics
             convention of both BNs (see `TorchBatchNormalization`: the
             unbiased batch variance and ``num_batches_tracked``, as the
@@ -99,6 +127,14 @@ class BasisConv2D(keras.layers.Layer):
         epsilon=1e-5,
         orthogonality=0.0,
         orthogonality_normalizer=None,
+        data_format=None,
+        dilation_rate=1,
+        activation=None,
+        use_bias=False,
+        kernel_regularizer=None,
+        kernel_constraint=None,
+        coefficient_regularizer=None,
+        coefficient_constraint=None,
         batchnorm="keras",
         **kwargs,
     ):
@@ -107,13 +143,26 @@ class BasisConv2D(keras.layers.Layer):
         self.unique_rank = check_positive_int(
             "unique_rank", unique_rank, allow_zero=True
         )
-        self.kernel_size = check_positive_int("kernel_size", kernel_size)
-        self.strides = check_positive_int("strides", strides)
-        if padding not in ("same", "valid"):
+        self.kernel_size = check_int_tuple("kernel_size", kernel_size)
+        self.strides = check_int_tuple("strides", strides)
+        self.padding = check_padding(padding)
+        self.data_format = standardize_data_format(data_format)
+        self.dilation_rate = check_int_tuple("dilation_rate", dilation_rate)
+        check_strides_dilation(self.strides, self.dilation_rate)
+        self.activation = keras.activations.get(activation)
+        if use_bias:
             raise ValueError(
-                f"`padding` must be 'same' or 'valid'. Received: padding={padding!r}"
+                "BasisConv2D ends with a BatchNormalization whose beta is its "
+                "bias, so `use_bias=True` is not supported. "
+                f"Received: use_bias={use_bias!r}"
             )
-        self.padding = padding
+        self.use_bias = False
+        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
+        self.kernel_constraint = keras.constraints.get(kernel_constraint)
+        self.coefficient_regularizer = keras.regularizers.get(coefficient_regularizer)
+        self.coefficient_constraint = keras.constraints.get(coefficient_constraint)
+        self._axis = channel_axis(self.data_format)
+        self._reduce_axes = [0, 1, 2] if self._axis == -1 else [0, 2, 3]
         self.basis_index = check_positive_int(
             "basis_index", basis_index, allow_zero=True
         )
@@ -134,6 +183,7 @@ class BasisConv2D(keras.layers.Layer):
         self.batchnorm = check_batchnorm(batchnorm)
         self.basis_bn = batch_normalization(
             self.batchnorm,
+            axis=self._axis,
             momentum=self.momentum,
             epsilon=self.epsilon,
             name="basis_bn",
@@ -141,6 +191,7 @@ class BasisConv2D(keras.layers.Layer):
         )
         self.bn = batch_normalization(
             self.batchnorm,
+            axis=self._axis,
             momentum=self.momentum,
             epsilon=self.epsilon,
             name="bn",
@@ -149,13 +200,18 @@ class BasisConv2D(keras.layers.Layer):
 
     def build(self, input_shape):
         x_shape, basis_shapes = split_kernel_inputs(input_shape)
-        channels = x_shape[-1]
+        if len(x_shape) != 4:
+            raise ValueError(
+                "BasisConv2D takes a rank-4 image (and optional bases). "
+                f"Received: input_shape={input_shape}"
+            )
+        channels = x_shape[self._axis]
         if channels is None:
             raise ValueError(
                 "BasisConv2D needs a known number of input channels. "
                 f"Received: input_shape={input_shape}"
             )
-        k = self.kernel_size
+        kh, kw = self.kernel_size
         self.shared_rank = 0
         self.num_shared_bases = len(basis_shapes)
         if basis_shapes:
@@ -165,10 +221,11 @@ class BasisConv2D(keras.layers.Layer):
                     f"bases given. Received: basis_index={self.basis_index}"
                 )
             for shape in basis_shapes:
-                if tuple(shape[:3]) != (k, k, channels):
+                if len(shape) != 4 or tuple(shape[:3]) != (kh, kw, channels):
                     raise ValueError(
-                        f"A shared basis must have shape ({k}, {k}, "
-                        f"{channels}, rank) to match kernel_size={k} and the "
+                        f"A shared basis must have shape ({kh}, {kw}, "
+                        f"{channels}, rank) to match kernel_size="
+                        f"{self.kernel_size} and the "
                         f"{channels} input channels. Received: basis shape "
                         f"{tuple(shape)}"
                     )
@@ -183,16 +240,23 @@ class BasisConv2D(keras.layers.Layer):
         if self.unique_rank:
             self.unique_kernel = self.add_weight(
                 name="unique_kernel",
-                shape=(k, k, channels, self.unique_rank),
+                shape=(kh, kw, channels, self.unique_rank),
                 initializer=self.kernel_initializer,
+                regularizer=self.kernel_regularizer,
+                constraint=self.kernel_constraint,
             )
         self.coefficients = self.add_weight(
             name="coefficients",
             shape=(1, 1, self.rank, self.filters),
             initializer=self.coefficient_initializer,
+            regularizer=self.coefficient_regularizer,
+            constraint=self.coefficient_constraint,
         )
-        self.basis_bn.build((None, None, None, self.rank))
-        self.bn.build((None, None, None, self.filters))
+        self.basis_bn.build(self._channel_shape(self.rank))
+        self.bn.build(self._channel_shape(self.filters))
+        specs = [image_input_spec(self.data_format, channels)]
+        specs += [keras.layers.InputSpec(shape=tuple(s)) for s in basis_shapes]
+        self.input_spec = specs if basis_shapes else specs[0]
         if self.orthogonality_normalizer is None:
             shared = [int(s[-1]) for s in basis_shapes]
             self.orthogonality_normalizer = float(
@@ -210,8 +274,30 @@ class BasisConv2D(keras.layers.Layer):
             return parts[0]
         return ops.concatenate(parts, axis=-1)
 
+    def _channel_shape(self, channels):
+        """A 4-D shape with only the channel axis known."""
+        if self._axis == -1:
+            return (None, None, None, channels)
+        return (None, channels, None, None)
+
+    def _per_channel(self, vector):
+        """A per-channel vector shaped to broadcast over an image."""
+        if self._axis == -1:
+            return vector
+        return ops.reshape(vector, (-1, 1, 1))
+
     def convolution_op(self, inputs, kernel):
-        return ops.conv(inputs, kernel, strides=self.strides, padding=self.padding)
+        return ops.conv(
+            inputs,
+            kernel,
+            strides=self.strides,
+            padding=self.padding,
+            data_format=self.data_format,
+            dilation_rate=self.dilation_rate,
+        )
+
+    def _pointwise(self, z, coefficients):
+        return ops.conv(z, coefficients, data_format=self.data_format)
 
     def call(self, inputs, training=None):
         x, bases = split_kernel_inputs(inputs)
@@ -220,15 +306,19 @@ class BasisConv2D(keras.layers.Layer):
             y = self._train_forward(x, basis)
         elif training and (self.basis_bn.trainable or self.bn.trainable):
             # One BN frozen, the other not: the two-step definition.
-            z = _batch_norm(self.basis_bn, self.convolution_op(x, basis), training)
-            y = ops.conv(z, ops.cast(self.coefficients, self.compute_dtype))
-            y = _batch_norm(self.bn, y, training)
+            z = self.convolution_op(x, basis)
+            z = _batch_norm(self.basis_bn, z, training, self.data_format)
+            y = self._pointwise(z, ops.cast(self.coefficients, self.compute_dtype))
+            y = _batch_norm(self.bn, y, training, self.data_format)
         else:
             kernel, bias = self._composed(basis)
             dtype = self.compute_dtype
-            y = self.convolution_op(x, ops.cast(kernel, dtype)) + ops.cast(bias, dtype)
+            y = self.convolution_op(x, ops.cast(kernel, dtype))
+            y = y + self._per_channel(ops.cast(bias, dtype))
         if self.orthogonality > 0 and self.unique_kernel is not None and bases:
             self.add_loss(self.penalty(bases))
+        if self.activation is not None:
+            y = self.activation(y)
         return y
 
     def _batch_statistics(self, training):
@@ -258,20 +348,20 @@ class BasisConv2D(keras.layers.Layer):
         """
         f32 = "float32"
         z = self.convolution_op(x, basis)
-        mean, variance = _moments(ops.cast(z, f32))
+        mean, variance = _moments(ops.cast(z, f32), self._reduce_axes)
         gamma_b = ops.cast(self.basis_bn.gamma, f32)
         beta_b = ops.cast(self.basis_bn.beta, f32)
         scale = gamma_b * ops.rsqrt(variance + self.basis_bn.epsilon)
         coeff = ops.cast(self.coefficients, f32)
         mixed = coeff * scale[None, None, :, None]
-        y = ops.conv(z, ops.cast(mixed, self.compute_dtype))
+        y = self._pointwise(z, ops.cast(mixed, self.compute_dtype))
         # beta_b enters the output with weight zero: its exact gradient.
         offset = ops.cast(self.bn.beta, f32) + 0.0 * ops.sum(beta_b)
         # The output's batch mean is not the two-step one (the shift was
         # dropped); its moving mean is set from the exact value below.
-        out, _, variance_y = _fused_training_bn(self.bn, y, offset)
+        out, _, variance_y = _fused_training_bn(self.bn, y, offset, self.data_format)
         # z and y have the same N*H*W values per channel (y is 1x1 of z).
-        count = _count(z) if self.batchnorm == "pytorch" else None
+        count = _count(z, self.data_format) if self.batchnorm == "pytorch" else None
         update_moving_statistics(self.basis_bn, mean, variance, count)
         update_moving_statistics(
             self.bn, ops.matmul(beta_b, coeff[0, 0]), variance_y, count
@@ -315,7 +405,13 @@ class BasisConv2D(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         x_shape, _ = split_kernel_inputs(input_shape)
         return conv_output_shape(
-            x_shape, self.kernel_size, self.strides, self.padding, self.filters
+            x_shape,
+            self.kernel_size,
+            self.strides,
+            self.padding,
+            self.filters,
+            self.data_format,
+            self.dilation_rate,
         )
 
     def get_config(self):
@@ -338,13 +434,29 @@ class BasisConv2D(keras.layers.Layer):
                 "epsilon": self.epsilon,
                 "orthogonality": self.orthogonality,
                 "orthogonality_normalizer": self.orthogonality_normalizer,
+                "data_format": self.data_format,
+                "dilation_rate": self.dilation_rate,
+                "activation": keras.activations.serialize(self.activation),
+                "use_bias": self.use_bias,
+                "kernel_regularizer": keras.regularizers.serialize(
+                    self.kernel_regularizer
+                ),
+                "kernel_constraint": keras.constraints.serialize(
+                    self.kernel_constraint
+                ),
+                "coefficient_regularizer": keras.regularizers.serialize(
+                    self.coefficient_regularizer
+                ),
+                "coefficient_constraint": keras.constraints.serialize(
+                    self.coefficient_constraint
+                ),
                 "batchnorm": self.batchnorm,
             }
         )
         return config
 
 
-def _batch_norm(bn, x, training):
+def _batch_norm(bn, x, training, data_format="channels_last"):
     """``bn(x, training)``, with a fused kernel on TensorFlow when it pays.
 
     Used when only one of the two BNs is frozen; the usual training path is
@@ -353,14 +465,17 @@ def _batch_norm(bn, x, training):
     if keras.backend.backend() != "tensorflow" or len(x.shape) != 4:
         return bn(x, training=training)
     if training and bn.trainable:
-        y, mean, variance = _fused_training_bn(bn, x, ops.cast(bn.beta, "float32"))
-        update_moving_statistics(bn, mean, variance, _count(x))
+        beta = ops.cast(bn.beta, "float32")
+        y, mean, variance = _fused_training_bn(bn, x, beta, data_format)
+        update_moving_statistics(bn, mean, variance, _count(x, data_format))
         return ops.cast(y, bn.compute_dtype)
     scale, shift = _bn_affine_tensors(bn)
+    if data_format == "channels_first":
+        scale, shift = ops.reshape(scale, (-1, 1, 1)), ops.reshape(shift, (-1, 1, 1))
     return ops.cast(ops.cast(x, "float32") * scale + shift, bn.compute_dtype)
 
 
-def _fused_training_bn(bn, x, offset):
+def _fused_training_bn(bn, x, offset, data_format="channels_last"):
     """Batch-statistics BN of ``x`` in float32: ``(y, mean, biased variance)``.
 
     Keras's BatchNormalization computes moments and normalization as
@@ -373,25 +488,34 @@ def _fused_training_bn(bn, x, offset):
     """
     x = ops.cast(x, "float32")
     gamma = ops.cast(bn.gamma, "float32")
-    channels = x.shape[-1]
+    first = data_format == "channels_first"
+    channels = x.shape[1 if first else -1]
     if keras.backend.backend() == "tensorflow" and channels and channels % 4 == 0:
         import tensorflow as tf
 
         y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
-            x, gamma, offset, epsilon=bn.epsilon, is_training=True
+            x,
+            gamma,
+            offset,
+            epsilon=bn.epsilon,
+            is_training=True,
+            data_format="NCHW" if first else "NHWC",
         )[:3]
         # The fused op returns the unbiased variance; Keras averages the
         # biased one.
-        n = ops.cast(ops.prod(ops.shape(x)[:3]), "float32")
+        n = ops.cast(ops.size(x) // channels, "float32")
         variance = variance * (n - 1.0) / ops.maximum(n, 1.0)
         return y, mean, variance
-    mean, variance = ops.moments(x, axes=[0, 1, 2])
+    mean, variance = ops.moments(x, axes=[0, 2, 3] if first else [0, 1, 2])
     scale = gamma * ops.rsqrt(variance + bn.epsilon)
-    return x * scale + (offset - mean * scale), mean, variance
+    shift = offset - mean * scale
+    if first:
+        scale, shift = ops.reshape(scale, (-1, 1, 1)), ops.reshape(shift, (-1, 1, 1))
+    return x * scale + shift, mean, variance
 
 
-def _moments(z):
-    """Per-channel batch mean and biased variance of an NHWC tensor.
+def _moments(z, axes=(0, 1, 2)):
+    """Per-channel batch mean and biased variance (reduced over ``axes``).
 
     Only the variance is differentiated (the training computation does not
     use the mean but for the moving statistics). On TensorFlow its gradient
@@ -399,30 +523,37 @@ def _moments(z):
     ``tf.nn.moments`` makes three extra passes over ``z`` (broadcasts and
     the squared difference's gradient), one pass is enough.
     """
+    axes = list(axes)
     if keras.backend.backend() != "tensorflow":
-        mean, variance = ops.moments(z, axes=[0, 1, 2])
+        mean, variance = ops.moments(z, axes=axes)
         return ops.stop_gradient(mean), variance
     import tensorflow as tf
 
-    mean = tf.reduce_mean(z, axis=[0, 1, 2])
+    mean = tf.reduce_mean(z, axis=axes, keepdims=True)
 
     @tf.custom_gradient
     def variance(z):
         centered = z - tf.stop_gradient(mean)
-        value = tf.reduce_mean(tf.square(centered), axis=[0, 1, 2])
+        value = tf.reduce_mean(tf.square(centered), axis=axes)
 
         def grad(upstream):
-            n = tf.cast(tf.reduce_prod(tf.shape(z)[:3]), z.dtype)
-            return centered * (2.0 * upstream / n)
+            n = tf.cast(tf.size(z) // tf.shape(z)[_kept_axis(axes)], z.dtype)
+            return centered * (2.0 * tf.reshape(upstream, tf.shape(mean)) / n)
 
         return value, grad
 
-    return tf.stop_gradient(mean), variance(z)
+    return tf.stop_gradient(tf.reshape(mean, [-1])), variance(z)
 
 
-def _count(x):
-    """Values per channel of an NHWC tensor, ``N*H*W``, as a float32 scalar."""
-    return ops.cast(ops.prod(ops.shape(x)[:3]), "float32")
+def _kept_axis(axes):
+    """The one axis of a 4-D tensor not in ``axes`` (the channel axis)."""
+    return ({0, 1, 2, 3} - set(axes)).pop()
+
+
+def _count(x, data_format="channels_last"):
+    """Values per channel of a 4-D tensor, ``N*H*W``, as a float32 scalar."""
+    channels = ops.shape(x)[1 if data_format == "channels_first" else 3]
+    return ops.cast(ops.size(x) // channels, "float32")
 
 
 def _bn_affine_tensors(bn, dtype="float32"):

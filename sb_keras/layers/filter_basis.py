@@ -6,6 +6,9 @@ from keras import ops
 from sb_keras import regularizers
 from sb_keras.api_export import sb_export
 from sb_keras.layers import initializers as sb_init
+from sb_keras.layers.common import check_int_tuple
+from sb_keras.layers.common import check_positive_int
+from sb_keras.layers.common import float32_value
 
 
 @sb_export("sb_keras.layers.FilterBasis")
@@ -33,13 +36,19 @@ class FilterBasis(keras.layers.Layer):
     and ``normalizer`` the number of entries of the authors' pooled mean
     (defaults to this basis's own entries, i.e. a plain mean).
 
-    The variables and the penalty are always float32 (the layer's default
-    dtype); users cast the basis to their compute dtype.
+    The variables and the penalty are always float32. The layer's default
+    dtype is float32 (users cast the basis to their compute dtype); under a
+    mixed policy (``dtype="mixed_float16"``) it returns the basis autocast to
+    the compute dtype, as ``compute_output_spec`` says.
+
+    The kernels are in Keras's ``(kh, kw, in, out)`` layout whatever the
+    ``data_format`` of the layers that use them, as ``Conv2D.kernel``.
 
     Args:
         rank: number of filters per basis (``S_g`` in the paper).
         in_channels: input channels of the filters (``C_g``).
-        kernel_size: spatial size of the filters. Defaults to `3`.
+        kernel_size: spatial size of the filters, an int or a tuple of two
+            ints. Defaults to `3`.
         num_bases: how many kernels this owner holds; `2` for double sharing.
         kernel_initializer: initializer of the joint kernel. Defaults to
             orthogonal, as the authors' code.
@@ -73,24 +82,18 @@ class FilterBasis(keras.layers.Layer):
         kernel_initializer="orthogonal",
         orthogonality=10.0,
         orthogonality_normalizer=None,
+        kernel_regularizer=None,
+        kernel_constraint=None,
         **kwargs,
     ):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
-        for arg, value in (
-            ("rank", rank),
-            ("in_channels", in_channels),
-            ("kernel_size", kernel_size),
-            ("num_bases", num_bases),
-        ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(
-                    f"`{arg}` must be a positive integer. Received: {arg}={value!r}"
-                )
-        self.rank = rank
-        self.in_channels = in_channels
-        self.kernel_size = kernel_size
-        self.num_bases = num_bases
+        self.rank = check_positive_int("rank", rank)
+        self.in_channels = check_positive_int("in_channels", in_channels)
+        self.kernel_size = check_int_tuple("kernel_size", kernel_size)
+        self.num_bases = check_positive_int("num_bases", num_bases)
+        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
+        self.kernel_constraint = keras.constraints.get(kernel_constraint)
         if kernel_initializer == "orthogonal":
             kernel_initializer = sb_init.basis_initializer()
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
@@ -108,12 +111,10 @@ class FilterBasis(keras.layers.Layer):
 
     @property
     def kernel_shape(self):
-        k = self.kernel_size
-        return (k, k, self.in_channels, self.rank)
+        return (*self.kernel_size, self.in_channels, self.rank)
 
     def build(self, input_shape=None):
-        k = self.kernel_size
-        joint_shape = (k, k, self.in_channels, self.rank * self.num_bases)
+        joint_shape = (*self.kernel_size, self.in_channels, self.rank * self.num_bases)
         joint = None
         if self.num_bases > 1:
             joint = self.kernel_initializer(joint_shape, dtype="float32")
@@ -132,14 +133,17 @@ class FilterBasis(keras.layers.Layer):
                     initializer=init,
                     trainable=True,
                     dtype=self.variable_dtype,
+                    regularizer=self.kernel_regularizer,
+                    constraint=self.kernel_constraint,
                 )
             )
 
     def call(self, inputs):
         del inputs  # the anchor only places the basis in the graph
-        kernels = [ops.convert_to_tensor(b) for b in self.bases]
+        kernels = [float32_value(b) for b in self.bases]
         if self.orthogonality > 0:
             self.add_loss(self.penalty(kernels))
+        kernels = [ops.cast(k, self.compute_dtype) for k in kernels]
         if self.num_bases == 1:
             return kernels[0]
         return kernels
@@ -188,6 +192,12 @@ class FilterBasis(keras.layers.Layer):
                 ),
                 "orthogonality": self.orthogonality,
                 "orthogonality_normalizer": self.orthogonality_normalizer,
+                "kernel_regularizer": keras.regularizers.serialize(
+                    self.kernel_regularizer
+                ),
+                "kernel_constraint": keras.constraints.serialize(
+                    self.kernel_constraint
+                ),
             }
         )
         return config

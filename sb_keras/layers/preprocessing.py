@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from sb_keras.api_export import sb_export
+from sb_keras.layers.common import standardize_data_format
 
 # Per-channel (mean, std) of pixels / 255.
 NORMALIZATIONS = {
@@ -36,6 +37,9 @@ class PixelNormalization(keras.layers.Layer):
     Args:
         mean: per-channel mean of ``pixels / 255``.
         std: per-channel standard deviation of ``pixels / 255``.
+        data_format: `"channels_last"` or `"channels_first"`: where the
+            channel axis is (the last axis, or axis 1). Defaults to
+            ``keras.config.image_data_format()``.
 
     Example:
 
@@ -45,8 +49,9 @@ class PixelNormalization(keras.layers.Layer):
     array([2., 2., 2.], dtype=float32)
     """
 
-    def __init__(self, mean, std, **kwargs):
+    def __init__(self, mean, std, data_format=None, **kwargs):
         super().__init__(**kwargs)
+        self.data_format = standardize_data_format(data_format)
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         if len(self.mean) != len(self.std) or min(self.std) <= 0:
@@ -54,19 +59,32 @@ class PixelNormalization(keras.layers.Layer):
                 "`mean` and `std` need one value per channel and std > 0. "
                 f"Received: mean={mean}, std={std}"
             )
+        axis = -1 if self.data_format == "channels_last" else 1
+        self.input_spec = keras.layers.InputSpec(
+            min_ndim=2, axes={axis: len(self.mean)}
+        )
 
     def call(self, inputs):
         scale = [1.0 / (255.0 * s) for s in self.std]
         offset = [-m / s for m, s in zip(self.mean, self.std)]
         x = ops.cast(inputs, self.compute_dtype)
-        return x * ops.convert_to_tensor(
-            scale, self.compute_dtype
-        ) + ops.convert_to_tensor(offset, self.compute_dtype)
+        scale = ops.convert_to_tensor(scale, self.compute_dtype)
+        offset = ops.convert_to_tensor(offset, self.compute_dtype)
+        if self.data_format == "channels_first":
+            shape = (-1,) + (1,) * (len(x.shape) - 2)
+            scale, offset = ops.reshape(scale, shape), ops.reshape(offset, shape)
+        return x * scale + offset
 
     def compute_output_shape(self, input_shape):
         return input_shape
 
     def get_config(self):
         config = super().get_config()
-        config.update({"mean": list(self.mean), "std": list(self.std)})
+        config.update(
+            {
+                "mean": list(self.mean),
+                "std": list(self.std),
+                "data_format": self.data_format,
+            }
+        )
         return config

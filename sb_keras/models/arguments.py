@@ -13,6 +13,8 @@ import numbers
 import keras
 import numpy as np
 
+from sb_keras.layers.common import height_width_channels
+
 # Bounds on sizes: generous for real use, small enough to fail fast.
 MAX_CIFAR_DEPTH = 1202  # He et al.'s deepest CIFAR ResNet (200 blocks a stage)
 MAX_CLASSES = 100_000
@@ -120,20 +122,23 @@ def check_initializer(name, value):
 def check_input_shape(value, min_size):
     """``(height, width, channels)`` with known channels; returns a tuple.
 
+    ``(channels, height, width)`` under the global ``channels_first`` data
+    format (``keras.config.image_data_format()``), as Keras's models take.
     Spatial sizes may be None; known ones lie in ``[min_size,
     MAX_SPATIAL]``; channels in ``[1, MAX_CHANNELS]``.
     """
     shape = tuple(value) if isinstance(value, (tuple, list)) else None
     ok = shape is not None and len(shape) == 3
     if ok:
-        h, w, c = shape
+        h, w, c = height_width_channels(shape)
         ok = _is_int(c) and 1 <= c <= MAX_CHANNELS
         ok = ok and all(
             d is None or (_is_int(d) and min_size <= d <= MAX_SPATIAL) for d in (h, w)
         )
     if not ok:
         raise ValueError(
-            "`input_shape` must be (height, width, channels) with channels in "
+            "`input_shape` must be (height, width, channels) (channels first "
+            "under the channels_first data format) with channels in "
             f"[1, {MAX_CHANNELS}] and spatial sizes in [{min_size}, "
             f"{MAX_SPATIAL}] (or None). {received('input_shape', value)}"
         )

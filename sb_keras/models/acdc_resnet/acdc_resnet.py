@@ -283,7 +283,7 @@ def _conv_bn(x, filters, kernel_size, strides, name, bn_name, acdc, alpha):
 def _block(x, filters, strides, name, shortcut_kind, acdc, alpha):
     """The basic block with ACDC 3x3 convolutions (and 1x1 shortcut)."""
     sc = f"{name}_shortcut"
-    needs_projection = strides != 1 or x.shape[-1] != filters
+    needs_projection = strides != 1 or blocks.channels(x) != filters
     if needs_projection and shortcut_kind == "projection" and acdc["shortcuts"]:
         residual = _conv_bn(x, filters, 1, strides, sc, f"{sc}_bn", acdc, alpha)
     else:

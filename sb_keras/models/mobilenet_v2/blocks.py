@@ -23,9 +23,15 @@ def torch_default_initializer():
     return sb_init.dense_kernel_initializer()
 
 
+def channels(x):
+    """The channel count of an image tensor in the global data format."""
+    return x.shape[-1 if keras.config.image_data_format() == "channels_last" else 1]
+
+
 def batch_norm(x, name):
+    axis = -1 if keras.config.image_data_format() == "channels_last" else 1
     return keras.layers.BatchNormalization(
-        momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name
+        axis=axis, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name
     )(x)
 
 
@@ -33,7 +39,7 @@ def pointwise(x, filters, name, kernel=None, use_bias=False):
     """A 1x1 convolution; with ``kernel``, a `SharedConv2D` user."""
     if kernel is not None:
         return SharedConv2D(name=name)([x, kernel])
-    fan_in = x.shape[-1]
+    fan_in = channels(x)
     return keras.layers.Conv2D(
         filters,
         1,
@@ -75,7 +81,7 @@ def inverted_residual(
             ``"project"`` kernel tensors.
     """
     kernels = kernels or {}
-    in_channels = x.shape[-1]
+    in_channels = channels(x)
     planes = expansion * in_channels
     y = pointwise(x, planes, f"{name}_expand", kernel=kernels.get("expand"))
     y = batch_norm(y, f"{name}_expand_bn")
@@ -105,7 +111,7 @@ def stem(x, filters, variant):
     """
     x = keras.layers.ZeroPadding2D(1, name="stem_pad")(x)
     kernel_size, strides = (3, 2) if variant == "imagenet" else (1, 1)
-    fan_in = kernel_size * kernel_size * x.shape[-1]
+    fan_in = kernel_size * kernel_size * channels(x)
     x = keras.layers.Conv2D(
         filters,
         kernel_size,

@@ -2,6 +2,7 @@
 
 from sb_keras.api_export import sb_export
 from sb_keras.layers import FilterBasis
+from sb_keras.layers.common import image_shape
 from sb_keras.models import arguments as checks
 from sb_keras.models.backbone import Backbone
 from sb_keras.models.backbone import image_input
@@ -174,7 +175,8 @@ def _resolve(
             f"`dropout` must be a rate in [0, 1). Received: dropout={dropout}"
         )
     if input_shape is None:
-        input_shape = (224, 224, 3) if variant == "imagenet" else (32, 32, 3)
+        size = 224 if variant == "imagenet" else 32
+        input_shape = image_shape(size, size, 3)  # in the global data_format
     min_size = 32 if variant == "imagenet" else 8
     if preprocessing == "auto":
         preprocessing = "imagenet" if variant == "imagenet" else "cifar100"

@@ -40,9 +40,23 @@ def batchnorm_convention(batchnorm):
         _BATCHNORM.reset(token)
 
 
+def channel_axis():
+    """The channel axis of images in the global data format."""
+    return -1 if keras.config.image_data_format() == "channels_last" else 1
+
+
+def channels(x):
+    """The channel count of an image tensor in the global data format."""
+    return x.shape[channel_axis()]
+
+
 def batch_norm(x, name):
     return batch_normalization(
-        _BATCHNORM.get(), momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name
+        _BATCHNORM.get(),
+        axis=channel_axis(),
+        momentum=BN_MOMENTUM,
+        epsilon=BN_EPSILON,
+        name=name,
     )(x)
 
 
@@ -99,7 +113,7 @@ def basis_conv(x, filters, unique_rank, bases, basis_index, name, penalty):
 
 def shortcut(x, filters, strides, kind, name):
     """Identity, option A (zero-pad) or option B (1x1 conv + BN)."""
-    if strides == 1 and x.shape[-1] == filters:
+    if strides == 1 and channels(x) == filters:
         return x
     if kind == "zero_pad":
         return ZeroPadShortcut(filters, strides=strides, name=name)(x)

@@ -4,6 +4,7 @@ from sb_keras import regularizers
 from sb_keras.api_export import sb_export
 from sb_keras.layers import FilterBasis
 from sb_keras.layers.batch_norm import check_batchnorm
+from sb_keras.layers.common import image_shape
 from sb_keras.models import arguments as checks
 from sb_keras.models.backbone import Backbone
 from sb_keras.models.backbone import image_input
@@ -282,7 +283,8 @@ def _resolve(
         num_classes = 10 if family == "cifar" else (100 if stem == "cifar" else 1000)
     num_classes = checks.check_num_classes(num_classes, include_top)
     if input_shape is None:
-        input_shape = (224, 224, 3) if stem == "imagenet" else (32, 32, 3)
+        size = 224 if stem == "imagenet" else 32
+        input_shape = image_shape(size, size, 3)  # in the global data_format
     input_shape = checks.check_input_shape(input_shape, 32 if stem == "imagenet" else 8)
     return {
         "family": family,
