@@ -633,3 +633,22 @@ def test_cli_export_is_quiet_and_prints_the_chosen_layout(tmp_path, cifar10_dir)
     layout = chosen.split()[2]
     assert layout in export.LAYOUTS and all(k in chosen for k in export.LAYOUTS)
     assert f"int8, {layout})" in lines[-1] and out.exists()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"dilation_rate": 2}, {"activation": "relu"}],
+)
+def test_fold_refuses_arguments_it_cannot_carry(kwargs):
+    """A layer argument the fold would drop is refused, not exported wrongly."""
+    from sb_keras.layers import BasisConv2D
+    from sb_keras.layers import FilterBasis
+
+    x = keras.Input((9, 9, 4))
+    basis = FilterBasis(rank=3, in_channels=4)(x)
+    y = BasisConv2D(4, unique_rank=1, **kwargs)([x, basis])
+    model = keras.Model(x, y)
+    arg = next(iter(kwargs))
+    for layout in export.LAYOUTS:
+        with pytest.raises(ValueError, match=f"Received: {arg}="):
+            export.fold_model(model, layout)

@@ -191,6 +191,7 @@ def fold_model(
         )
     if min_saving is None:
         min_saving = rewrites.MIXED_MIN_SAVING
+    _check_exportable(model)
     keep = _decisions(model, layout, min_saving)
     fold_bn = _foldable_bns(model) if fold_batchnorm else {}
     # Keep the sharing: a BN after a kept shared kernel becomes a
@@ -355,6 +356,33 @@ def _fold_conv_bn(layer, x, affine):
         groups=layer.groups,
     )
     return _apply(new, w, x)
+
+
+def _check_exportable(model):
+    """Refuses layers whose arguments the fold does not carry over.
+
+    Folding rebuilds `BasisConv2D` and `SharedConv2D` as plain convolutions
+    of the default Conv2D arguments; a dilated, activated, biased or
+    channels_first layer would otherwise export as a different function.
+    """
+    for layer in model._flatten_layers(include_self=False):
+        if not isinstance(layer, (BasisConv2D, SharedConv2D)):
+            continue
+        unsupported = {
+            "dilation_rate": tuple(layer.dilation_rate) != (1, 1),
+            "activation": layer.activation not in (None, keras.activations.linear),
+            "data_format": layer.data_format != "channels_last",
+            "use_bias": bool(getattr(layer, "use_bias", False))
+            and isinstance(layer, SharedConv2D),
+        }
+        for arg, bad in unsupported.items():
+            if bad:
+                raise ValueError(
+                    f"Export does not support `{arg}` on {type(layer).__name__} "
+                    f"layer '{layer.name}' yet; build the model with the default "
+                    f"(channels_last, no dilation, activation or bias). "
+                    f"Received: {arg}={getattr(layer, arg)!r}"
+                )
 
 
 def _fold_basis_conv(node, layer, args, affine, decomposed):
