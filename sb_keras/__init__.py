@@ -14,6 +14,8 @@ from sb_keras import regularizers
 from sb_keras.analysis import orthogonality
 from sb_keras.analysis import orthogonality_loss
 from sb_keras.checkpoints import load_authors_checkpoint
+from sb_keras.compression import compress
+from sb_keras.compression import unshare
 from sb_keras.counting import count_macs
 from sb_keras.counting import count_params
 from sb_keras.counting import count_table
@@ -44,4 +46,6 @@ __all__ = [
     "freeze_all_but_atoms",
     "MobileNetV2",
     "export",
+    "compress",
+    "unshare",
 ]
