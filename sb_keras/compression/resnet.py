@@ -74,17 +74,17 @@ def _patch_moments(model, names, data, batch_size):
     import keras
 
     probe = keras.Model(model.inputs, [model.get_layer(n).input for n in names])
-    sums = {n: None for n in names}
-    count = 0
+    sums = {n: [0.0, 0.0, 0] for n in names}
     for start in range(0, len(data), batch_size):
         outs = probe(data[start : start + batch_size], training=False)
         outs = outs if isinstance(outs, (list, tuple)) else [outs]
         for n, out in zip(names, outs):
             p = _patches(np.asarray(out, np.float64))
-            s = (p.sum(axis=0), p.T @ p)
-            sums[n] = s if sums[n] is None else (sums[n][0] + s[0], sums[n][1] + s[1])
-        count += len(p)
-    return {n: (m / count, s / count) for n, (m, s) in sums.items()}
+            acc = sums[n]
+            acc[0] = acc[0] + p.sum(axis=0)
+            acc[1] = acc[1] + p.T @ p
+            acc[2] += len(p)
+    return {n: (m / c, s / c) for n, (m, s, c) in sums.items()}
 
 
 def _groups(model, sharing):
@@ -205,7 +205,9 @@ def compress(
     if method is None:
         method = "plain" if calibration_data is None else "whitened"
     if method not in METHODS:
-        raise ValueError(f"`method` must be one of {METHODS}. Received: method={method!r}")
+        raise ValueError(
+            f"`method` must be one of {METHODS}. Received: method={method!r}"
+        )
     shared_rank = _check_int("shared_rank", shared_rank, 1)
     unique_rank = _check_int("unique_rank", unique_rank, 0)
     width = model.get_layer("stem_conv").filters
@@ -329,7 +331,9 @@ def _copy_unshared_into_plain(model, target):
     bases = {}
     for layer in model.layers:
         if isinstance(layer, FilterBasis):
-            bases[layer.name.split("_")[0]] = [np.asarray(v, np.float64) for v in layer.bases]
+            bases[layer.name.split("_")[0]] = [
+                np.asarray(v, np.float64) for v in layer.bases
+            ]
     for layer in target.layers:
         if not layer.weights:
             continue

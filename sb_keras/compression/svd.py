@@ -89,13 +89,38 @@ def _complete(used, count, rows):
 
 def objective(mats, basis, unique_rank):
     """``(f, gradient)`` of the module docstring at ``basis``."""
+    return _evaluate(mats, basis, unique_rank)[:2]
+
+
+def _evaluate(mats, basis, unique_rank):
+    """``(f, gradient, M)`` with ``M = sum_l A_l^T A_l``, ``A_l = W_l B^T``."""
     _, residuals = split_unique(mats, basis, unique_rank)
     value = 0.0
     grad = np.zeros_like(basis)
+    metric = np.zeros((basis.shape[0], basis.shape[0]))
     for w, r in zip(mats, residuals):
+        a = w @ basis.T
         value += float(np.sum(r * r))
-        grad -= 2.0 * (w @ basis.T).T @ r
-    return value, grad
+        grad -= 2.0 * a.T @ r
+        metric += a.T @ a
+    return value, grad, metric
+
+
+def _preconditioner(metric):
+    """``q -> (2 M)^-1 q``: the Hessian of ``f`` in ``B`` with ``A_l`` fixed.
+
+    The coefficients ``A_l`` weight the basis directions very unevenly in a
+    trained network (the conditioning that makes plain gradient methods
+    and the alternation slow); this block of the Hessian undoes it.
+    """
+    ridge = 1e-12 * max(float(np.trace(metric)) / len(metric), 1e-300)
+    chol = np.linalg.cholesky(metric + ridge * np.eye(len(metric)))
+
+    def apply(q):
+        z = np.linalg.solve(chol, q)
+        return 0.5 * np.linalg.solve(chol.T, z)
+
+    return apply
 
 
 def _polar(x):
@@ -135,7 +160,16 @@ def _check_ranks(mats, shared_rank, unique_rank):
 
 
 def shared_bases(
-    mats, shared_rank, unique_rank, max_iter=500, tol=1e-6, patience=5, memory=20
+    mats,
+    shared_rank,
+    unique_rank,
+    max_iter=500,
+    tol=1e-6,
+    patience=5,
+    memory=20,
+    precondition=True,
+    rank_tol=1e-6,
+    atol=1e-9,
 ):
     """Shared and unique bases of a group of weight matrices.
 
@@ -147,12 +181,19 @@ def shared_bases(
         tol: relative-change stopping rule: stop when ``patience``
             iterations together lower the objective by less than ``tol``
             times its value (a minimum reached, or the round-off floor of
-            the data: float32 kernels that are exactly low-rank stop near a
-            relative error of 1e-8). The iteration also stops when the
-            objective is below ``1e-28`` times the total energy
-            ``sum ||W_l||^2`` or the line search cannot lower it.
+            the data), when the relative error ``sqrt(f / sum ||W_l||^2)``
+            is below ``atol``, or when the line search cannot lower ``f``.
         patience: iterations over which the relative change is measured.
         memory: pairs kept by the L-BFGS two-loop recursion.
+        precondition: scale the search direction by the inverse of the
+            ``B``-block of the Hessian (see `_preconditioner`).
+        rank_tol: singular values of the stacked matrices below ``rank_tol``
+            times the largest are dropped before the iteration (the problem
+            is solved in the remaining row space; ``info["dimension"]``).
+            Float32 kernels that are exactly low-rank have a noise floor
+            near 1e-7; what is dropped is counted in the final error.
+        atol: relative error at which the decomposition counts as exact
+            (default far below the float32 precision of a kernel).
 
     Returns:
         ``(basis, uniques, info)``: the ``(S, D)`` shared basis and the list
@@ -163,34 +204,41 @@ def shared_bases(
         (relative error per iteration).
     """
     mats = [np.asarray(w, np.float64) for w in mats]
-    _check_ranks(mats, shared_rank, unique_rank)
+    dim = _check_ranks(mats, shared_rank, unique_rank)
     energy = sum(float(np.sum(w * w)) for w in mats) or 1.0
-    basis = _top_rows(mats, shared_rank)
-    f, g = objective(mats, basis, unique_rank)
+    # Work in the numerical row space of the stack (no loss: projecting a
+    # basis onto the space that holds every filter cannot raise f).
+    _, sing, vt = np.linalg.svd(np.vstack(mats), full_matrices=False)
+    keep = int(np.sum(sing > rank_tol * sing[0])) if sing.size and sing[0] > 0 else 0
+    keep = min(dim, max(keep, shared_rank + unique_rank))
+    space = vt[:keep] if keep <= vt.shape[0] else _complete(vt, keep - len(vt), vt)
+    full_mats, mats = mats, [w @ space.T for w in mats]
+    basis = np.eye(keep)[:shared_rank]  # the top-S right singular vectors
+    f, g, metric = _evaluate(mats, basis, unique_rank)
     history = [np.sqrt(f / energy)]
     pairs = []
     it = 0
     values = [f]
-    while it < max_iter and f > 1e-28 * energy:
+    while it < max_iter and f > atol**2 * energy:
         it += 1
-        d = -_two_loop(g, pairs)
+        d = -_two_loop(g, pairs, _preconditioner(metric) if precondition else None)
         slope = float(np.sum(d * g))
         if slope >= 0:  # not a descent direction: restart
             pairs, d = [], -g
             slope = -float(np.sum(g * g))
         step, accepted = 1.0, None
-        if not pairs:
+        if not pairs and not precondition:
             step = min(1.0, 1.0 / np.sqrt(max(-slope, 1e-300)))
         for _ in range(40):
             trial = _polar(basis + step * d)
-            f_new, g_new = objective(mats, trial, unique_rank)
+            f_new, g_new, m_new = _evaluate(mats, trial, unique_rank)
             if f_new <= f + 1e-4 * step * slope:
-                accepted = (trial, f_new, g_new)
+                accepted = (trial, f_new, g_new, m_new)
                 break
             step *= 0.5
         if accepted is None:
             break
-        trial, f_new, g_new = accepted
+        trial, f_new, g_new, metric = accepted
         s = _project(trial, step * d)
         y = g_new - _project(trial, g)
         pairs = [(_project(trial, a), _project(trial, b)) for a, b in pairs]
@@ -203,8 +251,13 @@ def shared_bases(
         if len(values) > patience and values[-1 - patience] - f <= tol * f:
             break
     uniques, _ = split_unique(mats, basis, unique_rank)
+    basis = basis @ space
+    uniques = [v @ space for v in uniques]
+    _, residuals = split_unique(full_mats, basis, 0)
+    f = sum(float(np.sum((r - (r @ v.T) @ v) ** 2)) for r, v in zip(residuals, uniques))
     info = {
         "iterations": it,
+        "dimension": keep,
         "relative_error": float(np.sqrt(max(f, 0.0) / energy)),
         "initial_relative_error": float(history[0]),
         "history": [float(h) for h in history],
@@ -212,7 +265,7 @@ def shared_bases(
     return basis, uniques, info
 
 
-def _two_loop(g, pairs):
+def _two_loop(g, pairs, precondition=None):
     """L-BFGS inverse-Hessian times ``g`` from the stored ``(s, y)`` pairs."""
     q = g.copy()
     alphas = []
@@ -221,7 +274,9 @@ def _two_loop(g, pairs):
         a = rho * float(np.sum(s * q))
         q -= a * y
         alphas.append((rho, a, s, y))
-    if pairs:
+    if precondition is not None:
+        q = precondition(q)
+    elif pairs:
         s, y = pairs[-1]
         q *= float(np.sum(s * y)) / float(np.sum(y * y))
     for rho, a, s, y in reversed(alphas):
