@@ -7,6 +7,8 @@ compressed model must reproduce the original logits.
 """
 
 import os
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -275,3 +277,63 @@ def test_authors_resnet56_round_trip_is_exact():
 @pytest.mark.parametrize("filename", [RESNET56, RESNET32])
 def test_authors_round_trip_on_all_exact_images(filename):
     _exact_round_trip(filename, 1000)
+
+
+# ---------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------
+
+
+def _cli_command():
+    script = os.path.join(os.path.dirname(sys.executable), "sb-keras")
+    return [script] if os.path.isfile(script) else [sys.executable, "-m", "sb_keras"]
+
+
+def test_cli_compress(tmp_path):
+    plain = _randomized_plain()
+    source = str(tmp_path / "plain.keras")
+    plain.save(source)
+    rng = np.random.RandomState(6)
+    images = rng.randint(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    np.savez(tmp_path / "train.npz", x=images, y=np.arange(8) % 10)
+    output = str(tmp_path / "out" / "shared.keras")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    argv = [source, output, "--shared-rank", "4", "--unique-rank", "1"]
+    argv += ["--sharing", "double", "--data-dir", str(tmp_path)]
+    argv += ["--calibration-count", "8"]
+    run = subprocess.run(
+        [*_cli_command(), "compress", *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    assert run.returncode == 0, run.stderr
+    restored = keras.models.load_model(output)
+    expected, report = sb_keras.compress(
+        plain, 4, 1, sharing="double", calibration_data=images
+    )
+    out = run.stdout
+    assert f"{sb_keras.count_params(plain):,} parameters" in out
+    assert f"{sb_keras.count_params(restored):,} parameters" in out
+    assert f"{sb_keras.count_macs(restored) / 1e6:.1f} M MACs" in out
+    assert out.count("relative error") == len(report["groups"]) == 6
+    assert "method whitened" in out
+    assert isinstance(restored, sb_keras.ResNet) and restored.share
+    x = rng.uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(
+        restored.predict(x, verbose=0), expected.predict(x, verbose=0), atol=1e-5
+    )
+    assert os.listdir(tmp_path / "out") == ["shared.keras"]  # no temporary left
+
+
+def test_cli_compress_bad_rank(tmp_path):
+    from sb_keras import cli
+
+    source = str(tmp_path / "plain.keras")
+    sb_keras.ResNet(20).save(source)
+    argv = ["compress", source, str(tmp_path / "o.keras"), "--shared-rank", "200"]
+    assert cli.main(argv) == 2
+    assert not os.path.exists(tmp_path / "o.keras")

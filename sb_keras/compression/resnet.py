@@ -76,7 +76,7 @@ def _patch_moments(model, names, data, batch_size):
     probe = keras.Model(model.inputs, [model.get_layer(n).input for n in names])
     sums = {n: [0.0, 0.0, 0] for n in names}
     for start in range(0, len(data), batch_size):
-        outs = probe(data[start : start + batch_size], training=False)
+        outs = probe([data[start : start + batch_size]], training=False)
         outs = outs if isinstance(outs, (list, tuple)) else [outs]
         for n, out in zip(names, outs):
             p = _patches(np.asarray(out, np.float64))
