@@ -63,6 +63,27 @@ def test_shared_bases_exact_on_structured_matrices(seed):
         np.testing.assert_allclose(v @ basis.T, 0.0, atol=1e-10)
 
 
+def test_lbfgs_beats_the_alternation_on_trained_filters():
+    path = os.path.join(PRETRAINED, RESNET56)
+    if not os.path.isfile(path):
+        pytest.skip("the authors' checkpoints are not beside this checkout")
+    model = sb_keras.load_authors_checkpoint(path)
+    bases = [np.asarray(v) for v in model.get_layer("stage1_basis").bases]
+    mats = []
+    for layer in model.layers:
+        if isinstance(layer, BasisConv2D) and layer.name.startswith("stage1"):
+            kernel, _ = layer.fold(bases)
+            mats.append(kernel.reshape(-1, kernel.shape[-1]).T.astype(np.float64))
+    assert len(mats) == 16
+    _, _, info = svd.shared_bases(mats, 16, 1)
+    assert info["initial_relative_error"] > 0.1
+    assert info["relative_error"] < 1e-7  # float32 kernels: floor near 2e-8
+    assert info["iterations"] <= 100
+    _, _, history = svd.alternate(mats, 16, 1, rounds=50)
+    assert history[-1] > 1e-4  # linear and slow
+    assert history[-1] < history[0]
+
+
 def test_gradient_matches_finite_differences():
     rng = np.random.RandomState(3)
     mats = [rng.randn(12, 40) for _ in range(3)]

@@ -281,8 +281,7 @@ def compress(
 
 def _write_layer(source, layer, name, basis, unique, coeff, moments):
     """Sets one `BasisConv2D` from its bases, coefficients and source BN."""
-    channels = layer.unique_kernel.shape[2] if layer.unique_kernel is not None else None
-    channels = channels or source.get_layer(name).kernel.shape[2]
+    channels = source.get_layer(name).kernel.shape[2]
     if layer.unique_kernel is not None:
         layer.unique_kernel.assign(_as_kernel(unique, 3, channels).astype(np.float32))
     layer.coefficients.assign(coeff.T[None, None].astype(np.float32))

@@ -27,9 +27,15 @@ Why not alternate: "``U_l`` from the residual, then ``B`` = top-``S`` of the
 stack minus the unique parts" is a majorise-minimise scheme, monotone but
 linearly convergent with a rate set by how unevenly the layers use the basis
 directions; on trained filters it needs hundreds of rounds (`alternate` is
-kept as the reference). The quasi-Newton iteration converges superlinearly
-near a minimum: where an exact decomposition exists (``f = 0``) it reaches
-float64 round-off in tens of iterations (tested).
+kept as the reference: on the folded authors' ResNet56-S16U1, stage 1, it is
+at 6e-4 relative error after 100 rounds, stage 2 at 5e-2). The L-BFGS,
+preconditioned by the ``B``-block of the Hessian and run in the numerical
+row space of the stack, reaches the float32 floor of those kernels (2e-8)
+in 47-66 iterations per stage; on exactly structured float64 matrices it
+reaches 1e-9 in under 30 (tested). Where the layers have fewer filters
+than ``S + u`` (the authors' double-sharing ResNet32: 16 filters, S16U1)
+the exact solutions are not isolated and it is slower (up to the 500
+iteration cap, 2e-7 on the worst group).
 """
 
 import numpy as np
