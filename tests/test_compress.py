@@ -259,7 +259,7 @@ def test_unrecognized_models_are_refused():
 # ---------------------------------------------------------------------------
 
 
-def _exact_round_trip(filename, count):
+def _exact_round_trip(filename, count, tol=1e-6):
     path = os.path.join(PRETRAINED, filename)
     subset = shared_path("datasets", "cifar10", "lossless_subset.npz")
     if not (os.path.isfile(path) and os.path.isfile(subset)):
@@ -278,6 +278,7 @@ def _exact_round_trip(filename, count):
         original.unique_rank,
         sharing=original.sharing,
         method="plain",
+        tol=tol,
     )
     assert report["params_before"] == sb_keras.count_params(plain)
     assert report["params_after"] == sb_keras.count_params(original)
@@ -295,9 +296,17 @@ def test_authors_resnet56_round_trip_is_exact():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("filename", [RESNET56, RESNET32])
-def test_authors_round_trip_on_all_exact_images(filename):
-    _exact_round_trip(filename, 1000)
+def test_authors_resnet56_round_trip_on_all_exact_images():
+    _exact_round_trip(RESNET56, 1000)
+
+
+@pytest.mark.slow
+def test_authors_resnet32_double_round_trip_on_all_exact_images():
+    # 16 filters per layer < S + u = 17: the exact solutions are not
+    # isolated and the iteration crosses a long plateau (near 4e-4 on
+    # stage 3 conv1) that the default relative-change rule takes for the
+    # minimum; without that rule it runs to its 500-iteration cap.
+    _exact_round_trip(RESNET32, 1000, tol=0.0)
 
 
 # ---------------------------------------------------------------------------

@@ -187,7 +187,9 @@ def shared_bases(
         tol: relative-change stopping rule: stop when ``patience``
             iterations together lower the objective by less than ``tol``
             times its value (a minimum reached, or the round-off floor of
-            the data), when the relative error ``sqrt(f / sum ||W_l||^2)``
+            the data; a long plateau can also stop it, as on the authors'
+            double-sharing ResNet32, where ``tol=0`` is needed), when the
+            relative error ``sqrt(f / sum ||W_l||^2)``
             is below ``atol``, or when the line search cannot lower ``f``.
         patience: iterations over which the relative change is measured.
         memory: pairs kept by the L-BFGS two-loop recursion.
