@@ -16,6 +16,8 @@ from sb_keras import saving
 from sb_keras.analysis import orthogonality
 from sb_keras.analysis import orthogonality_loss
 from sb_keras.checkpoints import load_authors_checkpoint
+from sb_keras.compression import compress
+from sb_keras.compression import unshare
 from sb_keras.counting import count_macs
 from sb_keras.counting import count_params
 from sb_keras.counting import count_table
@@ -57,4 +59,6 @@ __all__ = [
     "save_to_preset",
     "DenseNet",
     "ResNeXt",
+    "compress",
+    "unshare",
 ]

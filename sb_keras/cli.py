@@ -289,6 +289,96 @@ def _add_train(sub):
     p.set_defaults(func=_cmd_train)
 
 
+def _cmd_compress(args):
+    import tempfile
+
+    import keras
+
+    from sb_keras import compression
+    from sb_keras import counting
+    from sb_keras import data
+
+    if not args.output.endswith(".keras"):
+        raise ValueError(
+            f"The output must be a .keras file. Received: output={args.output!r}"
+        )
+    model = keras.models.load_model(args.model)
+    images = None
+    if args.data_dir is not None or args.calibration_count is not None:
+        count = args.calibration_count or 256
+        if count < 1:
+            raise ValueError(
+                "`--calibration-count` must be >= 1. "
+                f"Received: calibration_count={count}"
+            )
+        images, _ = data.load_arrays(args.dataset, "train", args.data_dir, limit=count)
+    shared, report = compression.compress(
+        model,
+        args.shared_rank,
+        args.unique_rank,
+        sharing=args.sharing,
+        calibration_data=images,
+        method=args.method,
+    )
+    folder = os.path.dirname(os.path.abspath(args.output))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".keras", dir=folder)
+    os.close(fd)
+    try:
+        shared.save(tmp)
+        os.replace(tmp, args.output)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    for label, m in (("before", model), ("after", shared)):
+        print(
+            f"{label}: {m.name}: {counting.count_params(m):,} parameters, "
+            f"{counting.count_macs(m) / 1e6:.1f} M MACs"
+        )
+    print(f"method {report['method']}, sharing {report['sharing']}")
+    for g in report["groups"]:
+        print(
+            f"stage {g['stage']} {g['group']:5s} S{g['shared_rank']}U{g['unique_rank']}"
+            f" x{g['layers']}: relative error {g['relative_error']:.3e} "
+            f"(one SVD {g['initial_relative_error']:.3e}, "
+            f"{g['iterations']} iterations)"
+        )
+    print(f"wrote {args.output}")
+
+
+def _add_compress(sub):
+    p = sub.add_parser(
+        "compress",
+        help="compress a trained plain ResNet (.keras) into shared filter bases",
+        description="Approximates the 3x3 filters of each stage by a shared "
+        "basis plus unique ones (sb_keras.compress) and writes the shared "
+        "model; fine-tune it afterwards.",
+    )
+    p.add_argument("model", help="a plain sb_keras ResNet .keras file")
+    p.add_argument("output", help="the .keras file to write")
+    p.add_argument("--shared-rank", type=int, required=True, help="S (stage 1)")
+    p.add_argument("--unique-rank", type=int, default=1, help="u (stage 1)")
+    p.add_argument("--sharing", default="single", help="single or double")
+    p.add_argument(
+        "--method",
+        default=None,
+        help="whitened or plain (default: whitened with calibration data)",
+    )
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder with train.npz for calibration images (default: none)",
+    )
+    p.add_argument(
+        "--calibration-count",
+        type=int,
+        default=None,
+        help="calibration images from the training split (default 256)",
+    )
+    p.add_argument("--dataset", default="cifar10", help="default: cifar10")
+    p.set_defaults(func=_cmd_compress)
+
+
 # Subcommand builders, in help order. Each adds one parser.
 def _cmd_export(args):
     from sb_keras.export import pipeline
@@ -397,6 +487,96 @@ def _add_export(sub):
     p.set_defaults(func=_cmd_export)
 
 
+def _cmd_compress(args):
+    import tempfile
+
+    import keras
+
+    from sb_keras import compression
+    from sb_keras import counting
+    from sb_keras import data
+
+    if not args.output.endswith(".keras"):
+        raise ValueError(
+            f"The output must be a .keras file. Received: output={args.output!r}"
+        )
+    model = keras.models.load_model(args.model)
+    images = None
+    if args.data_dir is not None or args.calibration_count is not None:
+        count = args.calibration_count or 256
+        if count < 1:
+            raise ValueError(
+                "`--calibration-count` must be >= 1. "
+                f"Received: calibration_count={count}"
+            )
+        images, _ = data.load_arrays(args.dataset, "train", args.data_dir, limit=count)
+    shared, report = compression.compress(
+        model,
+        args.shared_rank,
+        args.unique_rank,
+        sharing=args.sharing,
+        calibration_data=images,
+        method=args.method,
+    )
+    folder = os.path.dirname(os.path.abspath(args.output))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".keras", dir=folder)
+    os.close(fd)
+    try:
+        shared.save(tmp)
+        os.replace(tmp, args.output)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    for label, m in (("before", model), ("after", shared)):
+        print(
+            f"{label}: {m.name}: {counting.count_params(m):,} parameters, "
+            f"{counting.count_macs(m) / 1e6:.1f} M MACs"
+        )
+    print(f"method {report['method']}, sharing {report['sharing']}")
+    for g in report["groups"]:
+        print(
+            f"stage {g['stage']} {g['group']:5s} S{g['shared_rank']}U{g['unique_rank']}"
+            f" x{g['layers']}: relative error {g['relative_error']:.3e} "
+            f"(one SVD {g['initial_relative_error']:.3e}, "
+            f"{g['iterations']} iterations)"
+        )
+    print(f"wrote {args.output}")
+
+
+def _add_compress(sub):
+    p = sub.add_parser(
+        "compress",
+        help="compress a trained plain ResNet (.keras) into shared filter bases",
+        description="Approximates the 3x3 filters of each stage by a shared "
+        "basis plus unique ones (sb_keras.compress) and writes the shared "
+        "model; fine-tune it afterwards.",
+    )
+    p.add_argument("model", help="a plain sb_keras ResNet .keras file")
+    p.add_argument("output", help="the .keras file to write")
+    p.add_argument("--shared-rank", type=int, required=True, help="S (stage 1)")
+    p.add_argument("--unique-rank", type=int, default=1, help="u (stage 1)")
+    p.add_argument("--sharing", default="single", help="single or double")
+    p.add_argument(
+        "--method",
+        default=None,
+        help="whitened or plain (default: whitened with calibration data)",
+    )
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder with train.npz for calibration images (default: none)",
+    )
+    p.add_argument(
+        "--calibration-count",
+        type=int,
+        default=None,
+        help="calibration images from the training split (default 256)",
+    )
+    p.add_argument("--dataset", default="cifar10", help="default: cifar10")
+    p.set_defaults(func=_cmd_compress)
+
+
 # Subcommand builders, in help order. Each adds one parser.
 COMMANDS = [
     _add_list,
@@ -406,6 +586,7 @@ COMMANDS = [
     _add_evaluate,
     _add_export,
     _add_tune,
+    _add_compress,
 ]
 from sb_keras.cli_adapt import add_parser as _add_adapt  # noqa: E402
 

@@ -1,0 +1,6 @@
+"""Post-training compression of plain ConvNets into shared filter bases."""
+
+from sb_keras.compression.resnet import compress
+from sb_keras.compression.resnet import unshare
+
+__all__ = ["compress", "unshare"]
