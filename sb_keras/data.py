@@ -114,12 +114,14 @@ def check_arrays(x, y, dataset, source="arrays"):
     classes = check_dataset(dataset)["classes"]
     x, y = np.asarray(x), np.asarray(y).reshape(-1)
     if np.issubdtype(x.dtype, np.floating):
-        bad = "NaN" if np.isnan(x).any() else f"{x.dtype} values"
+        if np.isnan(x).any():
+            found = "NaN values"
+        else:
+            found = f"values in [{x.min():g}, {x.max():g}]" if x.size else "none"
         raise ValueError(
-            f"{source}: images must be uint8 pixels in [0, 255]; found {bad} "
-            f"(min {np.nanmin(x) if x.size else 0:g}, max "
-            f"{np.nanmax(x) if x.size else 0:g}). Store the raw pixels, not "
-            f"scaled or normalized images. Received: x.dtype={x.dtype}"
+            f"{source}: images must be uint8 pixels in [0, 255]; found float "
+            f"{found}. Store the raw pixels, not scaled or normalized images. "
+            f"Received: x.dtype={x.dtype}"
         )
     if x.dtype != np.uint8:
         if not np.issubdtype(x.dtype, np.integer):
