@@ -16,9 +16,10 @@ import keras
 import numpy as np
 import pytest
 
+import sb_keras
 from tests import cli_helpers
 from tests.cli_helpers import ok
-from tests.cli_helpers import sb_keras
+from tests.cli_helpers import sb_keras as run_cli
 from tests.conftest import shared_path
 
 CIFAR10 = shared_path("datasets", "cifar10")
@@ -53,7 +54,7 @@ def _test_arrays(data_dir):
 def _evaluate(path, data_dir, logits_path):
     """``sb-keras evaluate PATH --save-logits``: (correct, total), logits."""
     out = ok(
-        sb_keras("evaluate", path, "--data-dir", data_dir, "--save-logits", logits_path)
+        run_cli("evaluate", path, "--data-dir", data_dir, "--save-logits", logits_path)
     )
     match = re.search(r"top-1 [0-9.]+% \((\d+)/(\d+)\)", out)
     assert match, out
@@ -74,8 +75,6 @@ def _assert_qat_file_equals_model(qat_keras, qat_tflite, data_dir, tmp):
     np.testing.assert_array_equal(logits_k.argmax(-1), logits_t.argmax(-1))
     # Bit-exact in the int8 codes (tflite/README.md): the two float outputs
     # are the same code dequantized (they may differ in the last float bit).
-    import sb_keras
-
     step = sb_keras.export.qat.output_quant_step(keras.models.load_model(qat_keras))
     assert np.abs(logits_k - logits_t).max() / step < 0.01
 
@@ -94,7 +93,7 @@ def test_train_evaluate_export_finetune_qat(data_dir, tmp_path):
     x, y = _test_arrays(data_dir)
 
     # train -> evaluate model.keras
-    ok(sb_keras("train", *TINY, *BUDGET, "--data-dir", data_dir, "--output", run))
+    ok(run_cli("train", *TINY, *BUDGET, "--data-dir", data_dir, "--output", run))
     model_path = os.path.join(run, "model.keras")
     counts, logits = _evaluate(model_path, data_dir, os.path.join(tmp, "k.npy"))
     _assert_top1_line_is_the_logits(counts, logits, y)
@@ -108,7 +107,7 @@ def test_train_evaluate_export_finetune_qat(data_dir, tmp_path):
     # export --quantize int8 -> evaluate the file (written 0644)
     int8 = os.path.join(tmp, "model_int8.tflite")
     ok(
-        sb_keras(
+        run_cli(
             "export",
             model_path,
             int8,
@@ -129,7 +128,7 @@ def test_train_evaluate_export_finetune_qat(data_dir, tmp_path):
 
     # Fine-tune from the file with QAT -> export -> same numbers.
     err = cli_helpers.error_line(
-        sb_keras(
+        run_cli(
             "train",
             "--init-from",
             model_path,
@@ -144,7 +143,7 @@ def test_train_evaluate_export_finetune_qat(data_dir, tmp_path):
     )
     assert "Received: model='resnet56'" in err and "resnet20_s16u1_double" in err
     ok(
-        sb_keras(
+        run_cli(
             "train",
             "--init-from",
             model_path,
@@ -158,7 +157,7 @@ def test_train_evaluate_export_finetune_qat(data_dir, tmp_path):
     )
     qat_model = os.path.join(qat, "model.keras")
     qat_int8 = os.path.join(tmp, "qat_int8.tflite")
-    ok(sb_keras("export", qat_model, qat_int8, "--quantize", "int8"))
+    ok(run_cli("export", qat_model, qat_int8, "--quantize", "int8"))
     _assert_qat_file_equals_model(qat_model, qat_int8, data_dir, tmp)
 
     _assert_every_file_loads(
@@ -183,7 +182,7 @@ def test_authors_checkpoint_convert_finetune_qat(data_dir, tmp_path):
         pytest.skip("the authors' checkpoints are not beside this checkout")
     tmp = str(tmp_path)
     converted = os.path.join(tmp, "resnet56.keras")
-    out = ok(sb_keras("convert", pth56, converted))
+    out = ok(run_cli("convert", pth56, converted))
     assert "resnet56_s16u1" in out
     small = [
         "--epochs",
@@ -203,7 +202,7 @@ def test_authors_checkpoint_convert_finetune_qat(data_dir, tmp_path):
     for source, name in ((converted, "keras"), (pth32, "pth")):
         run = os.path.join(tmp, f"fine_{name}")
         ok(
-            sb_keras(
+            run_cli(
                 "train",
                 "--init-from",
                 source,
@@ -219,7 +218,7 @@ def test_authors_checkpoint_convert_finetune_qat(data_dir, tmp_path):
         assert metrics["test_accuracy"] > 0.8, metrics
     qat = os.path.join(tmp, "qat")
     ok(
-        sb_keras(
+        run_cli(
             "train",
             "--init-from",
             converted,
@@ -234,7 +233,7 @@ def test_authors_checkpoint_convert_finetune_qat(data_dir, tmp_path):
     assert json.load(open(os.path.join(qat, "metrics.json")))["test_accuracy"] > 0.8
     qat_model = os.path.join(qat, "model.keras")
     qat_int8 = os.path.join(tmp, "qat_int8.tflite")
-    ok(sb_keras("export", qat_model, qat_int8, "--quantize", "int8"))
+    ok(run_cli("export", qat_model, qat_int8, "--quantize", "int8"))
     _assert_qat_file_equals_model(qat_model, qat_int8, data_dir, tmp)
     _assert_every_file_loads(
         glob.glob(os.path.join(tmp, "**", "*.keras"), recursive=True)
