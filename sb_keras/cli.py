@@ -320,7 +320,8 @@ def _add_train(sub):
         "--qat",
         action="store_true",
         help="quantization-aware training: fold the model and train its int8 "
-        "fake-quant twin (then: sb-keras export --quantize int8)",
+        "fake-quant twin (then: sb-keras export --quantize int8); use a tiny "
+        "--lr such as 1e-5",
     )
     p.add_argument("--dataset", default="cifar10", help="cifar10, cifar100, imagenet")
     p.add_argument("--epochs", type=_POSITIVE, default=300)

@@ -220,3 +220,50 @@ def test_import_sb_keras_registers_the_optimizer_of_saved_runs(tmp_path):
     )
     out = cli_helpers.ok(cli_helpers.python(code, path))
     assert out.strip().splitlines()[-1] == "PyTorchSGD"
+
+
+# --- fine-tuning from a file ---------------------------------------------------
+
+
+def test_init_from_is_checked(tmp_path):
+    from sb_keras.training import TrainConfig
+    from sb_keras.training import finetune
+
+    with pytest.raises(ValueError, match=r"Received: init_from='m\.onnx'"):
+        TrainConfig(init_from="m.onnx").validate()
+    with pytest.raises(FileNotFoundError, match="absent.keras"):
+        TrainConfig(init_from=str(tmp_path / "absent.keras")).validate()
+    path = str(tmp_path / "m.keras")
+    sb_keras.ResNet(depth=8, name="tiny").save(path)
+    with pytest.raises(ValueError, match="Received: precision='mixed_bfloat16'"):
+        TrainConfig(init_from=path, precision="mixed_bfloat16").validate()
+    for config, match in (
+        (TrainConfig(init_from=path, model="resnet20"), r"'tiny'.*model='resnet20'"),
+        (TrainConfig(init_from=path, model_args={"depth": 14}), "model_args="),
+        (TrainConfig(init_from=path, dataset="cifar100"), "predicts 10 classes"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            finetune.initial_model(
+                config, 100 if config.dataset != "cifar10" else 10, (32, 32, 3)
+            )
+
+
+def test_init_from_keeps_the_weights_and_sets_the_runs_lambda(tmp_path):
+    from sb_keras.training import TrainConfig
+    from sb_keras.training import finetune
+
+    model = sb_keras.ResNet(depth=8, share=True, orthogonality=10.0)
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    config = TrainConfig(init_from=path, orthogonality=0.5)
+    loaded = finetune.initial_model(config, 10, (32, 32, 3))
+    assert loaded.get_config()["orthogonality"] == 0.5
+    x = _pixels(4).astype(np.float32)
+    np.testing.assert_allclose(
+        np.asarray(loaded(x, training=False)),
+        np.asarray(model(x, training=False)),
+        atol=1e-5,
+    )
+    qat = finetune.quantize_aware(loaded)
+    assert export.tflite.has_fake_quant(qat)
+    assert finetune.quantize_aware(qat) is qat
