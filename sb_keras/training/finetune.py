@@ -9,7 +9,8 @@ model's architecture and name come from the file. ``--qat``
 twin (`sb_keras.export.quantize_aware_model`): the run's ``model.keras`` is
 then a QAT model that ``sb-keras export --quantize int8`` converts without
 calibration data, and that computes in inference what its int8 file
-computes.
+computes. QAT wants a tiny learning rate: 1e-5 keeps the authors' ResNet56
+at its accuracy where 1e-3 wrecks it within two steps.
 """
 
 import os
