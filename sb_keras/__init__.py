@@ -11,6 +11,7 @@ True
 from sb_keras import export
 from sb_keras import layers
 from sb_keras import regularizers
+from sb_keras import saving
 from sb_keras import training  # registers PyTorchSGD, saved in model files
 from sb_keras.analysis import orthogonality
 from sb_keras.analysis import orthogonality_loss
@@ -22,6 +23,9 @@ from sb_keras.models import ACDCResNet
 from sb_keras.models import MobileNetV2
 from sb_keras.models import ResNet
 from sb_keras.models import freeze_all_but_atoms
+from sb_keras.presets import from_preset
+from sb_keras.presets import list_presets
+from sb_keras.presets import save_to_preset
 from sb_keras.registry import get_model
 from sb_keras.registry import list_models
 from sb_keras.registry import model_info
@@ -39,6 +43,7 @@ __all__ = [
     "orthogonality",
     "orthogonality_loss",
     "regularizers",
+    "saving",
     "__version__",
     "load_authors_checkpoint",
     "ACDCResNet",
@@ -46,4 +51,7 @@ __all__ = [
     "MobileNetV2",
     "export",
     "training",
+    "from_preset",
+    "list_presets",
+    "save_to_preset",
 ]

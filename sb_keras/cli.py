@@ -457,6 +457,9 @@ COMMANDS = [
     _add_export,
     _add_tune,
 ]
+from sb_keras.cli_adapt import add_parser as _add_adapt  # noqa: E402
+
+COMMANDS.append(_add_adapt)
 
 
 def build_parser():

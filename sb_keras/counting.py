@@ -12,7 +12,7 @@ from sb_keras.layers import ACDCConv2D
 from sb_keras.layers import BasisConv2D
 from sb_keras.layers import SharedConv2D
 
-_STATISTICS = ("moving_mean", "moving_variance")
+_STATISTICS = ("moving_mean", "moving_variance", "num_batches_tracked")
 
 
 def _unique_variables(model):

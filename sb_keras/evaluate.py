@@ -2,7 +2,7 @@
 
 `evaluate` takes a model or a file and dispatches on the file type through
 `PREDICTORS` (suffix -> function returning a ``predict(x) -> logits``
-callable): ``.keras`` files load with ``keras.models.load_model``; ``.pth``
+callable): ``.keras`` files load with `sb_keras.saving.load_model`; ``.pth``
 and ``.pt`` files are the authors' checkpoints, converted on the fly with
 `sb_keras.checkpoints.load_authors_checkpoint`. Another format (``.tflite``)
 needs one more entry in `PREDICTORS`.
@@ -34,11 +34,9 @@ def _keras_model_predictor(model, batch_size):
 
 
 def _keras_file_predictor(path, batch_size):
-    import keras
+    from sb_keras import saving  # checks the file, registers the sb_keras classes
 
-    import sb_keras  # noqa: F401  (registers the sb_keras classes)
-
-    return _keras_model_predictor(keras.models.load_model(path), batch_size)
+    return _keras_model_predictor(saving.load_model(path), batch_size)
 
 
 def _checkpoint_predictor(path, batch_size):

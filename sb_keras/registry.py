@@ -46,8 +46,12 @@ def model_info(name):
     }
 
 
-def get_model(name, **overrides):
+def get_model(name=None, /, **overrides):
     """Builds the registered variant ``name``; ``overrides`` change its args.
+
+    The model is named after the variant; ``name`` cannot be overridden
+    (rename a model with ``keras.Model(model.inputs, model.outputs,
+    name=...)`` or build the class directly).
 
     Example:
 
@@ -56,6 +60,14 @@ def get_model(name, **overrides):
     >>> model.output.shape[-1]
     5
     """
+    if name is None and "name" in overrides:  # get_model(name="resnet20")
+        name = overrides.pop("name")
+    elif "name" in overrides:
+        raise ValueError(
+            "`get_model` names the model after its registry entry; build the "
+            f"class directly to choose another name. Received: "
+            f"name={overrides['name']!r}"
+        )
     _ensure_registered()
     _check_name(name)
     entry = _REGISTRY[name]
@@ -65,8 +77,10 @@ def get_model(name, **overrides):
 
 
 def _check_name(name):
-    if name not in _REGISTRY:
-        close = [n for n in _REGISTRY if n.startswith(str(name).split("_")[0])]
+    if not isinstance(name, str) or name not in _REGISTRY:
+        close = []
+        if isinstance(name, str):
+            close = [n for n in _REGISTRY if n.startswith(name.split("_")[0])]
         hint = f" Similar names: {', '.join(sorted(close)[:8])}." if close else ""
         raise ValueError(
             f"Unknown model name. See sb_keras.list_models().{hint} "

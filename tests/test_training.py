@@ -217,18 +217,21 @@ class _Poison(keras.callbacks.Callback):
 
 
 def test_nan_guard_stops_and_keeps_the_last_good_state(tmp_path):
+    from sb_keras.training import state
+
     config = tiny_config(tmp_path, epochs=3)
-    with pytest.raises(NonFiniteLossError, match=r"epoch 2, batch 1"):
+    with pytest.raises(NonFiniteLossError, match=r"epoch 2, batch 1") as err:
         train(config, callbacks=[_Poison(at=1)])
     backup = os.path.join(config.output, "backup")
-    with open(os.path.join(backup, "training_metadata.json")) as f:
-        assert json.load(f)["epoch"] == 1
+    kept = state.find_resume_state(backup)
+    assert kept.epoch == 1
+    assert kept.path in str(err.value) and os.path.exists(kept.path)
     last = keras.models.load_model(
         os.path.join(config.output, "checkpoints", "last.keras")
     )
     assert all(np.isfinite(w).all() for w in last.get_weights())
     model = trainer.build_model(config, 10, (16, 16, 3))
-    model.load_weights(os.path.join(backup, "latest.weights.h5"))
+    model.load_weights(kept.path)
     assert all(np.isfinite(np.array(w)).all() for w in model.weights)
 
 
@@ -263,9 +266,11 @@ def test_train_writes_model_metrics_and_logs(tmp_path):
     acc = np.mean(np.argmax(restored.predict(x, verbose=0), -1) == y)
     assert acc == pytest.approx(metrics["test_accuracy"], abs=1e-6)
     # Running the finished command again trains nothing and keeps the result.
+    files = [os.path.join(out, n) for n in ("metrics.json", "log.csv", "model.keras")]
+    stamps = [os.stat(p).st_mtime_ns for p in files]
     again = train(config)
-    assert again["resumed_at_epoch"] == 2
-    assert again["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
+    assert again == json.loads(json.dumps(metrics))
+    assert [os.stat(p).st_mtime_ns for p in files] == stamps
 
 
 @pytest.mark.parametrize(

@@ -16,9 +16,10 @@ def load_float_model(source):
 
     Authors' ``.pth`` checkpoints go through
     ``sb_keras.checkpoints.load_authors_checkpoint`` when that module is
-    installed; everything else through ``keras.models.load_model``.
+    installed; everything else through `sb_keras.saving.load_model`
+    (checks the file first).
     """
-    import keras
+    from sb_keras import saving
 
     if not isinstance(source, (str, os.PathLike)):
         return source  # already a model
@@ -34,7 +35,7 @@ def load_float_model(source):
                 f"Received: model={path!r}"
             ) from e
         return load_authors_checkpoint(path)
-    return keras.models.load_model(path)
+    return saving.load_model(path)
 
 
 def calibration_images(model, data_dir=None, dataset="cifar10", count=500, seed=0):

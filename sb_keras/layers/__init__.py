@@ -3,6 +3,7 @@
 from sb_keras.layers.acdc_coefficients import ACDCCoefficients
 from sb_keras.layers.acdc_conv import ACDCConv2D
 from sb_keras.layers.basis_conv import BasisConv2D
+from sb_keras.layers.batch_norm import TorchBatchNormalization
 from sb_keras.layers.filter_basis import FilterBasis
 from sb_keras.layers.preprocessing import PixelNormalization
 from sb_keras.layers.shared_conv import SharedConv2D
@@ -16,4 +17,5 @@ __all__ = [
     "ZeroPadShortcut",
     "ACDCCoefficients",
     "ACDCConv2D",
+    "TorchBatchNormalization",
 ]

@@ -7,6 +7,9 @@ from keras import ops
 from sb_keras import regularizers
 from sb_keras.api_export import sb_export
 from sb_keras.layers import initializers as sb_init
+from sb_keras.layers.batch_norm import batch_normalization
+from sb_keras.layers.batch_norm import check_batchnorm
+from sb_keras.layers.batch_norm import update_moving_statistics
 from sb_keras.layers.common import check_positive_int
 from sb_keras.layers.common import conv_output_shape
 from sb_keras.layers.common import split_kernel_inputs
@@ -66,6 +69,10 @@ class BasisConv2D(keras.layers.Layer):
         orthogonality_normalizer: denominator of the pooled mean (the
             model passes the total entry count). Defaults to this layer's own
             entry count.
+        batchnorm: `"keras"` (default) or `"pytorch"`: the moving-statistics
+            convention of both BNs (see `TorchBatchNormalization`: the
+            unbiased batch variance and ``num_batches_tracked``, as the
+            authors' PyTorch model).
 
     Example:
 
@@ -92,6 +99,7 @@ class BasisConv2D(keras.layers.Layer):
         epsilon=1e-5,
         orthogonality=0.0,
         orthogonality_normalizer=None,
+        batchnorm="keras",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -123,13 +131,16 @@ class BasisConv2D(keras.layers.Layer):
             if orthogonality_normalizer is None
             else float(orthogonality_normalizer)
         )
-        self.basis_bn = keras.layers.BatchNormalization(
+        self.batchnorm = check_batchnorm(batchnorm)
+        self.basis_bn = batch_normalization(
+            self.batchnorm,
             momentum=self.momentum,
             epsilon=self.epsilon,
             name="basis_bn",
             dtype=self.dtype_policy,
         )
-        self.bn = keras.layers.BatchNormalization(
+        self.bn = batch_normalization(
+            self.batchnorm,
             momentum=self.momentum,
             epsilon=self.epsilon,
             name="bn",
@@ -259,8 +270,12 @@ class BasisConv2D(keras.layers.Layer):
         # The output's batch mean is not the two-step one (the shift was
         # dropped); its moving mean is set from the exact value below.
         out, _, variance_y = _fused_training_bn(self.bn, y, offset)
-        _update_moving(self.basis_bn, mean, variance)
-        _update_moving(self.bn, ops.matmul(beta_b, coeff[0, 0]), variance_y)
+        # z and y have the same N*H*W values per channel (y is 1x1 of z).
+        count = _count(z) if self.batchnorm == "pytorch" else None
+        update_moving_statistics(self.basis_bn, mean, variance, count)
+        update_moving_statistics(
+            self.bn, ops.matmul(beta_b, coeff[0, 0]), variance_y, count
+        )
         return ops.cast(out, self.compute_dtype)
 
     def _composed(self, basis, dtype="float32"):
@@ -323,6 +338,7 @@ class BasisConv2D(keras.layers.Layer):
                 "epsilon": self.epsilon,
                 "orthogonality": self.orthogonality,
                 "orthogonality_normalizer": self.orthogonality_normalizer,
+                "batchnorm": self.batchnorm,
             }
         )
         return config
@@ -338,7 +354,7 @@ def _batch_norm(bn, x, training):
         return bn(x, training=training)
     if training and bn.trainable:
         y, mean, variance = _fused_training_bn(bn, x, ops.cast(bn.beta, "float32"))
-        _update_moving(bn, mean, variance)
+        update_moving_statistics(bn, mean, variance, _count(x))
         return ops.cast(y, bn.compute_dtype)
     scale, shift = _bn_affine_tensors(bn)
     return ops.cast(ops.cast(x, "float32") * scale + shift, bn.compute_dtype)
@@ -404,13 +420,9 @@ def _moments(z):
     return tf.stop_gradient(mean), variance(z)
 
 
-def _update_moving(bn, mean, variance):
-    """Keras's moving-average update of a BN sub-layer's statistics."""
-    m = bn.momentum
-    mean = ops.stop_gradient(ops.cast(mean, bn.moving_mean.dtype))
-    variance = ops.stop_gradient(ops.cast(variance, bn.moving_variance.dtype))
-    bn.moving_mean.assign(bn.moving_mean * m + mean * (1.0 - m))
-    bn.moving_variance.assign(bn.moving_variance * m + variance * (1.0 - m))
+def _count(x):
+    """Values per channel of an NHWC tensor, ``N*H*W``, as a float32 scalar."""
+    return ops.cast(ops.prod(ops.shape(x)[:3]), "float32")
 
 
 def _bn_affine_tensors(bn, dtype="float32"):

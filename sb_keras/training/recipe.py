@@ -76,21 +76,35 @@ def learning_rate_schedule(lr, schedule, epochs, steps_per_epoch, factor=0.1):
 
 
 class NaNGuard(keras.callbacks.Callback):
-    """Stops training at the first non-finite loss, before anything is saved.
+    """Stops training at the first non-finite loss or weight, before saving.
 
     Unlike `keras.callbacks.TerminateOnNaN`, which lets the epoch's other
     callbacks run (and so could checkpoint NaN weights), this raises
-    `NonFiniteLossError` from the batch hook: put it *first* in the callback
-    list and the backup and checkpoints keep the last good state.
+    `NonFiniteLossError` from the batch hook when the loss is not finite,
+    and from the epoch-end hook when a model or optimizer variable is not
+    (the last step of an epoch can break the weights with a finite loss).
+    Put it *first* in the callback list and the backup and checkpoints keep
+    the last good state.
 
     Args:
-        keep: a sentence naming what was kept (shown in the error).
+        keep: a sentence naming what was kept (shown in the error), or a
+            function returning it when the error is raised.
     """
 
     def __init__(self, keep=""):
         super().__init__()
         self.keep = keep
         self._epoch = 0
+
+    def _kept(self):
+        return self.keep() if callable(self.keep) else self.keep
+
+    def _stop(self, what):
+        raise NonFiniteLossError(
+            f"{what}; training stopped. {self._kept()} Lower the learning rate "
+            "(--lr) or check the data, then run the same command again to "
+            "resume from the last good state."
+        )
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
@@ -101,49 +115,68 @@ class NaNGuard(keras.callbacks.Callback):
             return
         loss = float(loss)
         if not math.isfinite(loss):
-            raise NonFiniteLossError(
+            self._stop(
                 f"The training loss became {loss} at epoch {self._epoch + 1}, "
-                f"batch {batch + 1}; training stopped. {self.keep} Lower the "
-                "learning rate (--lr) or check the data, then run the same "
-                "command again to resume from the last good state."
+                f"batch {batch + 1}"
+            )
+
+    def on_epoch_end(self, epoch, logs=None):
+        from sb_keras.training.state import non_finite_variables
+
+        optimizer = self.model.optimizer
+        variables = [*self.model.weights, *(optimizer.variables if optimizer else [])]
+        bad = non_finite_variables(variables)
+        if bad:
+            self._stop(
+                f"The variables {', '.join(bad[:3])} became non-finite at the end "
+                f"of epoch {epoch + 1}; epoch {epoch + 1} was not saved"
             )
 
 
-def make_callbacks(output, strategy=None, tensorboard=True, extra=()):
-    """The run's callbacks, in order: NaN guard, statistics sync, backup,
-    checkpoints, logs.
+def make_callbacks(output, strategy=None, tensorboard=True, extra=(), resume=None):
+    """The run's callbacks, in order: NaN guard, statistics sync, extra,
+    checkpoints, state backup (and log), TensorBoard.
 
     Files (under ``output``; a non-chief worker writes under
-    ``output/<task>`` so workers never race on one file):
+    ``output/<task>`` so workers never race on one file), each written
+    atomically:
 
-    * ``backup/``: `keras.callbacks.BackupAndRestore` state, saved at the
-      end of every epoch and kept after the run, so running the same
-      command again resumes (or finds the run complete).
-    * ``checkpoints/best.keras`` (highest ``val_accuracy``) and
-      ``checkpoints/last.keras``.
-    * ``log.csv`` (appended across resumptions) and ``tensorboard/``.
+    * ``checkpoints/best.keras`` (highest ``val_accuracy`` over the whole
+      run, resumptions included) and ``checkpoints/last.keras``.
+    * ``backup/epoch-NNNNN.weights.h5``: the resumable state after each
+      epoch (`sb_keras.training.state`); the previous one is kept.
+    * ``log.csv`` (every epoch once, across resumptions) and
+      ``tensorboard/``.
+
+    Args:
+        output: the run folder.
+        strategy: the `tf.distribute` strategy (moving statistics sync).
+        tensorboard: add `keras.callbacks.TensorBoard`.
+        extra: callbacks to run after the NaN guard.
+        resume: the `sb_keras.training.state.RunState` to resume, or None.
     """
-    os.makedirs(os.path.join(output, "checkpoints"), exist_ok=True)
-    backup = os.path.join(output, "backup")
+    from sb_keras.training import state
+
     ckpt = os.path.join(output, "checkpoints")
+    os.makedirs(ckpt, exist_ok=True)
+    history = resume.history if resume else None
     callbacks = [
-        NaNGuard(
-            keep=f"The last good state is kept in {backup} and the last "
-            f"finished epoch in {os.path.join(ckpt, 'last.keras')}."
-        ),
+        NaNGuard(keep=lambda: state.describe_kept(output)),
         *([SyncMovingStatistics(strategy)] if strategy is not None else []),
         *extra,
-        keras.callbacks.BackupAndRestore(
-            backup, save_freq="epoch", delete_checkpoint=False
-        ),
-        keras.callbacks.ModelCheckpoint(
+        state.AtomicModelCheckpoint(
             os.path.join(ckpt, "best.keras"),
+            history=history,
             monitor="val_accuracy",
             mode="max",
             save_best_only=True,
         ),
-        keras.callbacks.ModelCheckpoint(os.path.join(ckpt, "last.keras")),
-        keras.callbacks.CSVLogger(os.path.join(output, "log.csv"), append=True),
+        state.AtomicModelCheckpoint(os.path.join(ckpt, "last.keras")),
+        state.StateBackup(
+            os.path.join(output, "backup"),
+            resume=resume,
+            log_csv=os.path.join(output, "log.csv"),
+        ),
     ]
     if tensorboard:
         callbacks.append(
@@ -152,18 +185,3 @@ def make_callbacks(output, strategy=None, tensorboard=True, extra=()):
             )
         )
     return callbacks
-
-
-def resume_epoch(output):
-    """The epoch a run in ``output`` resumes at (0 for a new run).
-
-    Reads the metadata `keras.callbacks.BackupAndRestore` writes, so that the
-    input pipeline can start at the same epoch the model resumes at.
-    """
-    import json
-
-    path = os.path.join(output, "backup", "training_metadata.json")
-    if not os.path.exists(path):
-        return 0
-    with open(path) as f:
-        return int(json.load(f).get("epoch", 0))

@@ -3,7 +3,6 @@
 import dataclasses
 import json
 import os
-import time
 
 PRECISIONS = ("float32", "mixed_bfloat16")
 DEFAULT_MODEL = "resnet56_s16u1_double"
@@ -214,10 +213,13 @@ def train(config=None, callbacks=(), **overrides):
     Steps: validate everything (names, data, batch vs replicas) before any
     training; build the model and optimizer in the strategy's scope; train
     with Keras ``fit`` (progress bar, TensorBoard, CSV log, best and last
-    checkpoints, `BackupAndRestore`, `NaNGuard`); evaluate on the test
+    checkpoints, an atomic per-epoch state, `NaNGuard`); evaluate on the test
     split; save ``model.keras`` and ``metrics.json`` in ``config.output``.
-    Running the same call again after a crash resumes from the last
-    finished epoch, with exactly the data the uninterrupted run would see
+    Every file is written atomically (`sb_keras.io_utils`). Running the same
+    call again after a crash at any instant resumes from the last complete
+    state (`sb_keras.training.state`; a damaged one is skipped and named),
+    and once the run has finished it returns its metrics and changes no
+    file. A resumption sees exactly the data the uninterrupted run would see
     (CIFAR, in memory). ImageNet is streamed from tensorflow-datasets
     (`sb_keras.imagenet.load_streams`): a resumed run starts at the right
     epoch with that epoch's shuffle and crop seeds, but the streamed files
@@ -277,9 +279,19 @@ def train(config=None, callbacks=(), **overrides):
     if not chief:
         output = os.path.join(output, distribute.task_id())
 
+    from sb_keras import io_utils
     from sb_keras.training import recipe
+    from sb_keras.training import state
 
-    initial_epoch = recipe.resume_epoch(output)
+    backup_dir = os.path.join(output, "backup")
+    for folder in (output, os.path.join(output, "checkpoints"), backup_dir):
+        io_utils.remove_temporaries(folder)  # left by a killed writer
+    resume = state.find_resume_state(backup_dir)
+    initial_epoch = resume.epoch if resume else 0
+    if resume is not None and resume.epoch == config.epochs:
+        finished = state.finished_metrics(output, resume)
+        if finished is not None:  # a rerun of a finished run changes nothing
+            return finished
     if config.dataset == "imagenet":
         train_ds, test_ds, steps, n_train, n_test, input_shape = _imagenet_input(
             config, initial_epoch
@@ -296,11 +308,15 @@ def train(config=None, callbacks=(), **overrides):
         config = dataclasses.replace(config, model=model.name)
 
     cbs = recipe.make_callbacks(
-        output, strategy=strategy, tensorboard=config.tensorboard, extra=callbacks
+        output,
+        strategy=strategy,
+        tensorboard=config.tensorboard,
+        extra=callbacks,
+        resume=resume,
     )
-    start = time.time()
+    backup = next(cb for cb in cbs if isinstance(cb, state.StateBackup))
     with distribute.multi_worker_fit_fix(strategy):
-        history = model.fit(
+        model.fit(
             train_ds,
             epochs=config.epochs,
             steps_per_epoch=steps,
@@ -309,9 +325,9 @@ def train(config=None, callbacks=(), **overrides):
             callbacks=cbs,
             verbose=config.verbose,
         )
-        seconds = time.time() - start
         results = model.evaluate(test_ds, verbose=0, return_dict=True)
-    trained = max(0, config.epochs - initial_epoch)
+    seconds = sum(backup.seconds)  # every epoch of the run, resumptions included
+    done = len(backup.seconds)
     metrics = {
         "model": config.model,
         "dataset": config.dataset,
@@ -324,14 +340,24 @@ def train(config=None, callbacks=(), **overrides):
         "replicas": replicas,
         "train_seconds": round(seconds, 2),
         "train_images_per_second": (
-            round(trained * steps * config.batch_size / seconds, 1) if trained else None
+            round(done * steps * config.batch_size / seconds, 1) if seconds else None
         ),
-        "history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
+        "history": backup.history,
         "config": dataclasses.asdict(config),
     }
-    model.save(os.path.join(output, "model.keras"))
-    with open(os.path.join(output, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
+    # model.keras first, metrics.json last: metrics.json marks a finished run.
+    with io_utils.atomic_path(os.path.join(output, "model.keras")) as tmp:
+        model.save(tmp)
+    io_utils.write_bytes(
+        os.path.join(output, "log.csv"),
+        state.history_csv(backup.history),
+        if_changed=True,
+    )
+    io_utils.write_bytes(
+        os.path.join(output, "metrics.json"),
+        json.dumps(metrics, indent=2),
+        if_changed=True,
+    )
     return metrics
 
 

@@ -7,18 +7,19 @@ import keras
 from sb_keras.api_export import sb_export
 from sb_keras.layers import ACDCCoefficients
 from sb_keras.layers import ACDCConv2D
-from sb_keras.layers import PixelNormalization
 from sb_keras.layers.acdc_conv import ROUTES
-from sb_keras.layers.common import check_positive_int
-from sb_keras.layers.preprocessing import get_normalization
+from sb_keras.models import arguments as checks
+from sb_keras.models.backbone import Backbone
+from sb_keras.models.backbone import image_input
 from sb_keras.models.resnet import blocks
 from sb_keras.models.resnet import resnet as plain
 
 SCOPES = ("layer", "stage", "network")
+MAX_ATOMS = 64
 
 
 @sb_export("sb_keras.models.ACDCResNet")
-class ACDCResNet(keras.Model):
+class ACDCResNet(Backbone):
     """ResNet with ACDC convolutions: per-layer atoms, shared coefficients.
 
     Every 3x3 convolution of every residual block (the strided first ones
@@ -79,6 +80,8 @@ class ACDCResNet(keras.Model):
         coefficient_initializer: initializer of alpha (None: the default of
             `ACDCCoefficients`).
         name: model name.
+        dtype: the dtype policy of the layers (None: the global policy);
+            kept in the config.
 
     Example:
 
@@ -112,56 +115,86 @@ class ACDCResNet(keras.Model):
         atom_initializer=None,
         coefficient_initializer=None,
         name=None,
+        dtype=None,
         **kwargs,
     ):
+        super().__init__(locals(), **kwargs)
+
+    @classmethod
+    def _resolve(cls, **args):
+        include_top = checks.check_bool("include_top", args["include_top"])
         spec = plain._resolve(
-            depth, False, None, None, None, stem, num_classes, input_shape,
-            include_top, 0.0,
+            args["depth"], False, None, None, None, args["stem"],
+            args["num_classes"], args["input_shape"], include_top, 0.0,
         )  # fmt: skip
+        depth = spec["depth"]
         if spec["family"] == "bottleneck":
             raise ValueError(
                 "ACDCResNet builds basic-block ResNets: depth 6n+2, 18 or 34. "
                 f"Received: depth={depth}"
             )
-        if sharing is not None and sharing not in SCOPES:
-            raise ValueError(
-                f"`sharing` must be one of {SCOPES} or None. Received: "
-                f"sharing={sharing!r}"
-            )
-        check_positive_int("num_atoms", num_atoms)
-        if route not in ROUTES:
-            raise ValueError(
-                f"`route` must be one of {ROUTES}. Received: route={route!r}"
-            )
-        if decompose_shortcuts is None:
-            decompose_shortcuts = sharing in ("stage", "network")
-        acdc = None
-        if sharing is not None:
-            acdc = {
-                "sharing": sharing,
-                "num_atoms": num_atoms,
-                "group_size": group_size,
-                "shortcuts": bool(decompose_shortcuts),
-                "batchnorm": bool(batchnorm),
-                "route": route,
-                "atom_initializer": atom_initializer,
-                "coefficient_initializer": coefficient_initializer,
-            }
-        elif group_size is not None:
+        sharing = checks.check_choice(
+            "sharing", args["sharing"], SCOPES, allow_none=True
+        )
+        num_atoms = checks.check_int("num_atoms", args["num_atoms"], 1, MAX_ATOMS)
+        route = checks.check_choice("route", args["route"], ROUTES)
+        decompose = checks.check_optional_bool(
+            "decompose_shortcuts", args["decompose_shortcuts"]
+        )
+        if decompose is None:
+            decompose = sharing in ("stage", "network")
+        group_size = args["group_size"]
+        if sharing is None and group_size is not None:
             raise ValueError(
                 "`group_size` only applies to ACDC models (sharing not None). "
                 f"Received: group_size={group_size!r} with sharing=None"
             )
+        if group_size is not None:
+            widths = plain.CIFAR_WIDTHS
+            if spec["family"] != "cifar":
+                widths = plain.IMAGENET_WIDTHS
+            group_sizes({"group_size": group_size, "sharing": sharing}, widths)
+        preprocessing = args["preprocessing"]
         if preprocessing == "auto":
             preprocessing = plain._default_preprocessing(spec)
-        inputs = keras.Input(spec["input_shape"], name="image")
-        x = inputs
-        if preprocessing is not None:
-            mean, std = get_normalization(preprocessing)
-            x = PixelNormalization(mean, std, name="preprocessing")(x)
+        return {
+            **spec,
+            "sharing": sharing,
+            "num_atoms": num_atoms,
+            "include_top": include_top,
+            "classifier_activation": checks.check_activation(
+                "classifier_activation", args["classifier_activation"]
+            ),
+            "preprocessing": checks.check_preprocessing(preprocessing),
+            "decompose_shortcuts": decompose,
+            "batchnorm": checks.check_bool("batchnorm", args["batchnorm"]),
+            "route": route,
+            "atom_initializer": checks.check_initializer(
+                "atom_initializer", args["atom_initializer"]
+            ),
+            "coefficient_initializer": checks.check_initializer(
+                "coefficient_initializer", args["coefficient_initializer"]
+            ),
+        }
+
+    @classmethod
+    def _build_graph(cls, spec):
+        acdc = None
+        if spec["sharing"] is not None:
+            acdc = {
+                "sharing": spec["sharing"],
+                "num_atoms": spec["num_atoms"],
+                "group_size": spec["group_size"],
+                "shortcuts": spec["decompose_shortcuts"],
+                "batchnorm": spec["batchnorm"],
+                "route": spec["route"],
+                "atom_initializer": spec["atom_initializer"],
+                "coefficient_initializer": spec["coefficient_initializer"],
+            }
+        inputs, x = image_input(spec["input_shape"], spec["preprocessing"])
         if spec["family"] == "cifar":
             x = blocks.cifar_stem(x, plain.CIFAR_WIDTHS[0])
-            n = (depth - 2) // 6
+            n = (spec["depth"] - 2) // 6
             plan = ((n, n, n), plain.CIFAR_WIDTHS, (1, 2, 2), "zero_pad")
         else:
             widths = plain.IMAGENET_WIDTHS
@@ -169,56 +202,18 @@ class ACDCResNet(keras.Model):
                 x = blocks.imagenet_stem(x, widths[0])
             else:
                 x = blocks.cifar_stem(x, widths[0])
-            plan = (plain.IMAGENET_DEPTHS[depth][1], widths, (1, 2, 2, 2), "projection")
+            blocks_per_stage = plain.IMAGENET_DEPTHS[spec["depth"]][1]
+            plan = (blocks_per_stage, widths, (1, 2, 2, 2), "projection")
         outputs = _stages(x, acdc, *plan)
-        if include_top:
+        if spec["include_top"]:
             outputs = blocks.classifier(
-                outputs, spec["num_classes"], classifier_activation
+                outputs, spec["num_classes"], spec["classifier_activation"]
             )
-        if name is None:
-            name = _default_name(spec, sharing, num_atoms)
-        super().__init__(inputs=inputs, outputs=outputs, name=name, **kwargs)
-
-        self.depth = depth
-        self.sharing = sharing
-        self.num_atoms = num_atoms
-        self.group_size = group_size
-        self.stem = spec["stem"]
-        self.num_classes = spec["num_classes"]
-        self.image_shape = spec["input_shape"]
-        self.include_top = include_top
-        self.classifier_activation = classifier_activation
-        self.preprocessing = preprocessing
-        self.decompose_shortcuts = bool(decompose_shortcuts)
-        self.batchnorm = bool(batchnorm)
-        self.route = route
-        self.atom_initializer = atom_initializer
-        self.coefficient_initializer = coefficient_initializer
-
-    def get_config(self):
-        return {
-            "depth": self.depth,
-            "sharing": self.sharing,
-            "num_atoms": self.num_atoms,
-            "group_size": self.group_size,
-            "stem": self.stem,
-            "num_classes": self.num_classes,
-            "input_shape": self.image_shape,
-            "include_top": self.include_top,
-            "classifier_activation": self.classifier_activation,
-            "preprocessing": self.preprocessing,
-            "decompose_shortcuts": self.decompose_shortcuts,
-            "batchnorm": self.batchnorm,
-            "route": self.route,
-            "atom_initializer": _serialize(self.atom_initializer),
-            "coefficient_initializer": _serialize(self.coefficient_initializer),
-            "name": self.name,
-            "trainable": self.trainable,
-        }
+        return inputs, outputs
 
     @classmethod
-    def from_config(cls, config):
-        return cls(**config)
+    def _default_name(cls, spec):
+        return _default_name(spec, spec["sharing"], spec["num_atoms"])
 
     def baseline_config(self):
         """The config of the matching plain ResNet (``sharing=None``)."""
@@ -232,12 +227,6 @@ class ACDCResNet(keras.Model):
             name=None,
         )
         return config
-
-
-def _serialize(initializer):
-    if initializer is None or isinstance(initializer, (str, dict)):
-        return initializer
-    return keras.initializers.serialize(keras.initializers.get(initializer))
 
 
 def _default_name(spec, sharing, num_atoms):

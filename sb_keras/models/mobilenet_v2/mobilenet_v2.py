@@ -1,12 +1,10 @@
 """MobileNetV2 with shared 1x1 kernels (Kang & Kim) and its plain baseline."""
 
-import keras
-
-from sb_keras import regularizers
 from sb_keras.api_export import sb_export
 from sb_keras.layers import FilterBasis
-from sb_keras.layers import PixelNormalization
-from sb_keras.layers.preprocessing import get_normalization
+from sb_keras.models import arguments as checks
+from sb_keras.models.backbone import Backbone
+from sb_keras.models.backbone import image_input
 from sb_keras.models.mobilenet_v2 import blocks
 
 # (expansion t, out channels c, blocks n, stride s) per stage, ImageNet.
@@ -26,10 +24,11 @@ CIFAR_STRIDES = (1, 2, 2, 2, 1, 1, 1)
 SHARED_STAGES = (2, 3, 4, 5)
 VARIANTS = ("imagenet", "cifar")
 SHARINGS = ("single", "double")
+MAX_ALPHA = 4.0
 
 
 @sb_export("sb_keras.models.MobileNetV2")
-class MobileNetV2(keras.Model):
+class MobileNetV2(Backbone):
     """MobileNetV2 whose 1x1 kernels are shared within a stage.
 
     The layout is the authors' (``ssregibility/Net_RL2``): ReLU inside the
@@ -78,6 +77,8 @@ class MobileNetV2(keras.Model):
             statistics for the CIFAR variant.
         orthogonality: lambda of the orthogonality penalty. Defaults to `10`.
         name: model name.
+        dtype: the dtype policy of the layers (None: the global policy);
+            kept in the config.
 
     Example:
 
@@ -105,67 +106,28 @@ class MobileNetV2(keras.Model):
         preprocessing="auto",
         orthogonality=10.0,
         name=None,
+        dtype=None,
         **kwargs,
     ):
-        spec = _resolve(
-            share,
-            sharing,
-            variant,
-            alpha,
-            num_classes,
-            input_shape,
-            include_top,
-            dropout,
-            orthogonality,
-        )
-        if preprocessing == "auto":
-            preprocessing = "imagenet" if variant == "imagenet" else "cifar100"
-        inputs = keras.Input(spec["input_shape"], name="image")
-        x = inputs
-        if preprocessing is not None:
-            mean, std = get_normalization(preprocessing)
-            x = PixelNormalization(mean, std, name="preprocessing")(x)
-        x = _build(x, spec)
-        if include_top:
-            x = blocks.classifier(
-                x, spec["num_classes"], spec["dropout"], classifier_activation
-            )
-        if name is None:
-            name = _default_name(spec)
-        super().__init__(inputs=inputs, outputs=x, name=name, **kwargs)
-
-        self.share = spec["share"]
-        self.sharing = spec["sharing"]
-        self.variant = variant
-        self.alpha = spec["alpha"]
-        self.num_classes = spec["num_classes"]
-        self.image_shape = spec["input_shape"]
-        self.include_top = include_top
-        self.dropout = spec["dropout"]
-        self.classifier_activation = classifier_activation
-        self.preprocessing = preprocessing
-        self.orthogonality = spec["orthogonality"]
-
-    def get_config(self):
-        return {
-            "share": self.share,
-            "sharing": self.sharing,
-            "variant": self.variant,
-            "alpha": self.alpha,
-            "num_classes": self.num_classes,
-            "input_shape": self.image_shape,
-            "include_top": self.include_top,
-            "dropout": self.dropout,
-            "classifier_activation": self.classifier_activation,
-            "preprocessing": self.preprocessing,
-            "orthogonality": self.orthogonality,
-            "name": self.name,
-            "trainable": self.trainable,
-        }
+        super().__init__(locals(), **kwargs)
 
     @classmethod
-    def from_config(cls, config):
-        return cls(**config)
+    def _resolve(cls, **args):
+        return _resolve(**args)
+
+    @classmethod
+    def _build_graph(cls, spec):
+        inputs, x = image_input(spec["input_shape"], spec["preprocessing"])
+        x = _build(x, spec)
+        if spec["include_top"]:
+            x = blocks.classifier(
+                x, spec["num_classes"], spec["dropout"], spec["classifier_activation"]
+            )
+        return inputs, x
+
+    @classmethod
+    def _default_name(cls, spec):
+        return _default_name(spec)
 
     def baseline_config(self):
         """The config of the matching unshared model."""
@@ -183,73 +145,53 @@ def _resolve(
     input_shape,
     include_top,
     dropout,
+    classifier_activation,
+    preprocessing,
     orthogonality,
 ):
-    if variant not in VARIANTS:
-        raise ValueError(
-            f"`variant` must be one of {VARIANTS}. Received: variant={variant!r}"
-        )
+    share = checks.check_bool("share", share)
+    include_top = checks.check_bool("include_top", include_top)
+    variant = checks.check_choice("variant", variant, VARIANTS)
+    sharing = checks.check_choice("sharing", sharing, SHARINGS, allow_none=True)
     if sharing is None:
         sharing = "single" if share else None
-    elif sharing not in SHARINGS:
-        raise ValueError(
-            f"`sharing` must be one of {SHARINGS}. Received: sharing={sharing!r}"
-        )
     elif not share:
         raise ValueError(
             "`sharing` only applies to shared models (share=True). "
             f"Received: sharing={sharing!r} with share={share!r}"
         )
-    try:
-        alpha = float(alpha)
-    except (TypeError, ValueError):
-        alpha = -1.0
-    if not alpha > 0:
-        raise ValueError(f"`alpha` must be a positive number. Received: alpha={alpha}")
+    # Widths scale with alpha and parameters with its square: 4x is already
+    # a 50M-parameter MobileNetV2.
+    alpha = checks.check_number("alpha", alpha, 0.0, MAX_ALPHA, low_inclusive=False)
     if num_classes is None:
         num_classes = 1000 if variant == "imagenet" else 100
-    if include_top and (
-        isinstance(num_classes, bool)
-        or not isinstance(num_classes, int)
-        or num_classes < 1
-    ):
-        raise ValueError(
-            "`num_classes` must be a positive integer. "
-            f"Received: num_classes={num_classes!r}"
-        )
+    num_classes = checks.check_num_classes(num_classes, include_top)
     if dropout == "auto":
         dropout = 0.2 if variant == "imagenet" else 0.0
-    if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+    dropout = checks.check_number("dropout", dropout, 0.0, 1.0)
+    if dropout == 1.0:
         raise ValueError(
-            f"`dropout` must be a rate in [0, 1). Received: dropout={dropout!r}"
+            f"`dropout` must be a rate in [0, 1). Received: dropout={dropout}"
         )
     if input_shape is None:
         input_shape = (224, 224, 3) if variant == "imagenet" else (32, 32, 3)
     min_size = 32 if variant == "imagenet" else 8
-    try:
-        shape = tuple(input_shape)
-    except TypeError:
-        shape = ()
-    if not (
-        len(shape) == 3
-        and isinstance(shape[2], int)
-        and shape[2] >= 1
-        and all(d is None or (isinstance(d, int) and d >= min_size) for d in shape[:2])
-    ):
-        raise ValueError(
-            "`input_shape` must be (height, width, channels) with known "
-            f"channels and spatial sizes >= {min_size} (or None). "
-            f"Received: input_shape={input_shape!r}"
-        )
+    if preprocessing == "auto":
+        preprocessing = "imagenet" if variant == "imagenet" else "cifar100"
     return {
-        "share": bool(share),
+        "share": share,
         "sharing": sharing,
         "variant": variant,
         "alpha": alpha,
         "num_classes": num_classes,
-        "input_shape": shape,
-        "dropout": float(dropout),
-        "orthogonality": regularizers.validate_lambda(orthogonality),
+        "input_shape": checks.check_input_shape(input_shape, min_size),
+        "include_top": include_top,
+        "dropout": dropout,
+        "classifier_activation": checks.check_activation(
+            "classifier_activation", classifier_activation
+        ),
+        "preprocessing": checks.check_preprocessing(preprocessing),
+        "orthogonality": checks.check_number("orthogonality", orthogonality, 0.0),
     }
 
 

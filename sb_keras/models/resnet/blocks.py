@@ -5,20 +5,44 @@ layer sits (``stage2_block3_conv1``) so that weights load by name and
 ``model.summary()`` reads like the paper's tables.
 """
 
+import contextlib
+import contextvars
+
 import keras
 
 from sb_keras.layers import BasisConv2D
 from sb_keras.layers import SharedConv2D
 from sb_keras.layers import ZeroPadShortcut
 from sb_keras.layers import initializers as sb_init
+from sb_keras.layers.batch_norm import batch_normalization
+from sb_keras.layers.batch_norm import check_batchnorm
 
 BN_MOMENTUM = 0.9  # PyTorch's momentum=0.1
 BN_EPSILON = 1e-5  # PyTorch's default
 
+# The BN convention of the model being built (`batchnorm_convention`).
+_BATCHNORM = contextvars.ContextVar("sb_keras_batchnorm", default="keras")
+
+
+@contextlib.contextmanager
+def batchnorm_convention(batchnorm):
+    """Builds every BN of the helpers below in ``batchnorm``'s convention.
+
+    ``"keras"`` (Keras's BatchNormalization) or ``"pytorch"``
+    (`sb_keras.layers.TorchBatchNormalization`, the unbiased running
+    variance and ``num_batches_tracked``); the model constructor sets it
+    around the graph construction.
+    """
+    token = _BATCHNORM.set(check_batchnorm(batchnorm))
+    try:
+        yield
+    finally:
+        _BATCHNORM.reset(token)
+
 
 def batch_norm(x, name):
-    return keras.layers.BatchNormalization(
-        momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name
+    return batch_normalization(
+        _BATCHNORM.get(), momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name
     )(x)
 
 
@@ -68,6 +92,7 @@ def basis_conv(x, filters, unique_rank, bases, basis_index, name, penalty):
         epsilon=BN_EPSILON,
         orthogonality=lam,
         orthogonality_normalizer=normalizer,
+        batchnorm=_BATCHNORM.get(),
         name=name,
     )(inputs)
 

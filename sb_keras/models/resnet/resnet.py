@@ -1,12 +1,12 @@
 """ResNets with shared filter bases (Kang & Kim) and their plain baselines."""
 
-import keras
-
 from sb_keras import regularizers
 from sb_keras.api_export import sb_export
 from sb_keras.layers import FilterBasis
-from sb_keras.layers import PixelNormalization
-from sb_keras.layers.preprocessing import get_normalization
+from sb_keras.layers.batch_norm import check_batchnorm
+from sb_keras.models import arguments as checks
+from sb_keras.models.backbone import Backbone
+from sb_keras.models.backbone import image_input
 from sb_keras.models.resnet import blocks
 
 # depth -> (block kind, blocks per stage)
@@ -29,7 +29,7 @@ def _is_cifar_depth(depth):
 
 
 @sb_export("sb_keras.models.ResNet")
-class ResNet(keras.Model):
+class ResNet(Backbone):
     """ResNet whose 3x3 convolutions are built from shared filter bases.
 
     One class covers the family of Kang & Kim's code:
@@ -70,8 +70,9 @@ class ResNet(keras.Model):
     (the authors' CIFAR-10 variant). The bottleneck "double" model pools its
     3x3 and 1x1 kernels separately (``R1 + R2``), as the authors did.
 
-    The model is a functional `keras.Model` whose config is its constructor
-    arguments: ``keras.models.load_model`` rebuilds it with this class,
+    The model is a functional `keras.Model` (an `sb_keras.models.Backbone`)
+    whose config is its constructor arguments and dtype policy:
+    ``keras.models.load_model`` rebuilds it with this class,
     which recreates the sharing by construction (the bases are graph edges).
 
     Args:
@@ -97,7 +98,16 @@ class ResNet(keras.Model):
             CIFAR-stem ResNet-18/34.
         orthogonality: lambda of the orthogonality penalty. Defaults to `10`.
         orthogonality_include_unique: use the CIFAR-10 variant of the penalty.
+        batchnorm: `"keras"` (default) or `"pytorch"`: how every BatchNorm
+            updates its running statistics in training. `"pytorch"` (the
+            default of the models converted from the authors' checkpoints)
+            averages the unbiased batch variance and counts
+            ``num_batches_tracked``, as ``torch.nn.BatchNorm2d``; see
+            `sb_keras.layers.TorchBatchNormalization`.
         name: model name.
+        dtype: the dtype policy the layers are built under (e.g.
+            `"mixed_bfloat16"`); None (default) takes the global policy. It
+            is part of the config, so a saved model loads under its policy.
 
     Example:
 
@@ -128,74 +138,60 @@ class ResNet(keras.Model):
         preprocessing="auto",
         orthogonality=10.0,
         orthogonality_include_unique=False,
+        batchnorm="keras",
         name=None,
+        dtype=None,
         **kwargs,
     ):
+        super().__init__(locals(), **kwargs)
+
+    @classmethod
+    def _resolve(cls, **args):
+        share = checks.check_bool("share", args["share"])
+        include_top = checks.check_bool("include_top", args["include_top"])
         spec = _resolve(
-            depth,
+            args["depth"],
             share,
-            shared_rank,
-            unique_rank,
-            sharing,
-            stem,
-            num_classes,
-            input_shape,
+            args["shared_rank"],
+            args["unique_rank"],
+            args["sharing"],
+            args["stem"],
+            args["num_classes"],
+            args["input_shape"],
             include_top,
-            orthogonality,
+            args["orthogonality"],
         )
+        preprocessing = args["preprocessing"]
         if preprocessing == "auto":
             preprocessing = _default_preprocessing(spec)
-        inputs = keras.Input(spec["input_shape"], name="image")
-        x = inputs
-        if preprocessing is not None:
-            mean, std = get_normalization(preprocessing)
-            x = PixelNormalization(mean, std, name="preprocessing")(x)
-        builder = _build_cifar if spec["family"] == "cifar" else _build_imagenet
-        outputs = builder(x, spec, orthogonality_include_unique)
-        if include_top:
-            outputs = blocks.classifier(
-                outputs, spec["num_classes"], classifier_activation
-            )
-        if name is None:
-            name = _default_name(spec)
-        super().__init__(inputs=inputs, outputs=outputs, name=name, **kwargs)
-
-        self.depth = depth
-        self.share = bool(share)
-        self.shared_rank = spec["shared_rank"]
-        self.unique_rank = spec["unique_rank"]
-        self.sharing = spec["sharing"]
-        self.stem = spec["stem"]
-        self.num_classes = spec["num_classes"]
-        self.image_shape = spec["input_shape"]
-        self.include_top = include_top
-        self.classifier_activation = classifier_activation
-        self.preprocessing = preprocessing
-        self.orthogonality = spec["orthogonality"]
-        self.orthogonality_include_unique = bool(orthogonality_include_unique)
-
-    def get_config(self):
         return {
-            "depth": self.depth,
-            "share": self.share,
-            "shared_rank": self.shared_rank,
-            "unique_rank": self.unique_rank,
-            "sharing": self.sharing,
-            "stem": self.stem,
-            "num_classes": self.num_classes,
-            "input_shape": self.image_shape,
-            "include_top": self.include_top,
-            "classifier_activation": self.classifier_activation,
-            "preprocessing": self.preprocessing,
-            "orthogonality": self.orthogonality,
-            "orthogonality_include_unique": self.orthogonality_include_unique,
-            "name": self.name,
-            "trainable": self.trainable,
+            **spec,
+            "include_top": include_top,
+            "preprocessing": checks.check_preprocessing(preprocessing),
+            "classifier_activation": checks.check_activation(
+                "classifier_activation", args["classifier_activation"]
+            ),
+            "orthogonality_include_unique": checks.check_bool(
+                "orthogonality_include_unique", args["orthogonality_include_unique"]
+            ),
+            "batchnorm": check_batchnorm(args["batchnorm"]),
         }
 
     @classmethod
-    def from_config(cls, config):
-        return cls(**config)
+    def _build_graph(cls, spec):
+        inputs, x = image_input(spec["input_shape"], spec["preprocessing"])
+        builder = _build_cifar if spec["family"] == "cifar" else _build_imagenet
+        with blocks.batchnorm_convention(spec["batchnorm"]):
+            outputs = builder(x, spec, spec["orthogonality_include_unique"])
+        if spec["include_top"]:
+            outputs = blocks.classifier(
+                outputs, spec["num_classes"], spec["classifier_activation"]
+            )
+        return inputs, outputs
+
+    @classmethod
+    def _default_name(cls, spec):
+        return _default_name(spec)
 
     def baseline_config(self):
         """The config of the matching unshared model (same depth and head)."""
@@ -216,13 +212,6 @@ def _default_preprocessing(spec):
     return "imagenet"
 
 
-def _check_int(name, value, low):
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(
-            f"`{name}` must be an integer >= {low}. Received: {name}={value!r}"
-        )
-
-
 def _resolve(
     depth,
     share,
@@ -236,11 +225,10 @@ def _resolve(
     orthogonality,
 ):
     """Validates the arguments and fills in the paper's defaults."""
-    if isinstance(depth, bool) or not isinstance(depth, int):
-        raise ValueError(f"`depth` must be an integer. Received: depth={depth!r}")
+    depth = checks.check_int("depth", depth, 8, checks.MAX_CIFAR_DEPTH)
     if _is_cifar_depth(depth):
         family = "cifar"
-        if stem not in (None, "cifar"):
+        if stem is not None and stem != "cifar":
             raise ValueError(
                 f"CIFAR ResNet-{depth} (depth 6n+2) only has the 'cifar' stem. "
                 f"Received: stem={stem!r}"
@@ -248,20 +236,14 @@ def _resolve(
         stem = "cifar"
     elif depth in IMAGENET_DEPTHS:
         family = IMAGENET_DEPTHS[depth][0]
-        if stem is None:
-            stem = "imagenet"
-        if stem not in STEMS:
-            raise ValueError(f"`stem` must be one of {STEMS}. Received: stem={stem!r}")
+        stem = checks.check_choice("stem", "imagenet" if stem is None else stem, STEMS)
     else:
         raise ValueError(
-            "`depth` must be 6n+2 (20, 32, 44, 56, 110, ...) for the CIFAR "
-            "ResNets or one of 18, 34, 50, 101, 152. "
-            f"Received: depth={depth}"
+            "`depth` must be 6n+2 (20, 32, 44, 56, 110, ..., "
+            f"{checks.MAX_CIFAR_DEPTH}) for the CIFAR ResNets or one of 18, 34, "
+            f"50, 101, 152. Received: depth={depth}"
         )
-    if sharing is not None and sharing not in SHARINGS:
-        raise ValueError(
-            f"`sharing` must be one of {SHARINGS}. Received: sharing={sharing!r}"
-        )
+    sharing = checks.check_choice("sharing", sharing, SHARINGS, allow_none=True)
     if not share:
         for arg, value in (
             ("shared_rank", shared_rank),
@@ -282,34 +264,26 @@ def _resolve(
                 )
         sharing = sharing or "single"
     else:
+        c1 = CIFAR_WIDTHS[0] if family == "cifar" else IMAGENET_WIDTHS[0]
+        limit = 9 * c1  # the dimension of a stage-1 filter
         default_s = 32 if stem == "imagenet" else 16
         shared_rank = default_s if shared_rank is None else shared_rank
         unique_rank = 1 if unique_rank is None else unique_rank
-        _check_int("shared_rank", shared_rank, 0)
-        _check_int("unique_rank", unique_rank, 0)
-        c1 = CIFAR_WIDTHS[0] if family == "cifar" else IMAGENET_WIDTHS[0]
-        limit = 9 * c1
+        shared_rank = checks.check_int("shared_rank", shared_rank, 0, limit)
+        unique_rank = checks.check_int("unique_rank", unique_rank, 0, limit)
         if shared_rank + unique_rank == 0:
             raise ValueError(
                 "A decomposed layer needs at least one basis filter. "
                 "Received: shared_rank=0, unique_rank=0"
             )
-        for arg, value in (("shared_rank", shared_rank), ("unique_rank", unique_rank)):
-            if value > limit:
-                raise ValueError(
-                    f"`{arg}` can be at most {limit} = 3*3*{c1}, the dimension "
-                    f"of a stage-1 filter of ResNet-{depth}. "
-                    f"Received: {arg}={value}"
-                )
         if sharing is None:
             sharing = "single" if (family == "basic" and stem == "cifar") else "double"
     if num_classes is None:
         num_classes = 10 if family == "cifar" else (100 if stem == "cifar" else 1000)
-    if include_top:
-        _check_int("num_classes", num_classes, 1)
+    num_classes = checks.check_num_classes(num_classes, include_top)
     if input_shape is None:
         input_shape = (224, 224, 3) if stem == "imagenet" else (32, 32, 3)
-    input_shape = _check_input_shape(input_shape, 32 if stem == "imagenet" else 8)
+    input_shape = checks.check_input_shape(input_shape, 32 if stem == "imagenet" else 8)
     return {
         "family": family,
         "depth": depth,
@@ -320,30 +294,8 @@ def _resolve(
         "stem": stem,
         "num_classes": num_classes,
         "input_shape": input_shape,
-        "orthogonality": regularizers.validate_lambda(orthogonality),
+        "orthogonality": checks.check_number("orthogonality", orthogonality, 0.0),
     }
-
-
-def _check_input_shape(input_shape, min_size):
-    try:
-        shape = tuple(input_shape)
-    except TypeError:
-        shape = None
-    ok = shape is not None and len(shape) == 3
-    if ok:
-        h, w, c = shape
-        ok = (
-            isinstance(c, int)
-            and c >= 1
-            and all(d is None or (isinstance(d, int) and d >= min_size) for d in (h, w))
-        )
-    if not ok:
-        raise ValueError(
-            "`input_shape` must be (height, width, channels) with known "
-            f"channels and spatial sizes >= {min_size} (or None). "
-            f"Received: input_shape={input_shape!r}"
-        )
-    return shape
 
 
 def _default_name(spec):
