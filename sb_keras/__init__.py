@@ -13,6 +13,7 @@ from sb_keras import export
 from sb_keras import layers
 from sb_keras import regularizers
 from sb_keras import saving
+from sb_keras import training  # registers PyTorchSGD, saved in model files
 from sb_keras.analysis import orthogonality
 from sb_keras.analysis import orthogonality_loss
 from sb_keras.checkpoints import load_authors_checkpoint
@@ -54,6 +55,7 @@ __all__ = [
     "freeze_all_but_atoms",
     "MobileNetV2",
     "export",
+    "training",
     "from_preset",
     "list_presets",
     "save_to_preset",

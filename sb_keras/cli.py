@@ -14,6 +14,49 @@ def _quiet_tf():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line naming the flag."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_at_least(low):
+    """An argparse type: an integer >= ``low`` (the error names the flag)."""
+
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(
+                f"must be an integer >= {low}. Received: {text!r}"
+            )
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+_POSITIVE = _int_at_least(1)
+
+
+def _json_dict(text):
+    """An argparse type: a JSON object, e.g. '{"depth": 8}'."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(
+            f"must be a JSON object such as '{{\"depth\": 8}}'. Received: {text!r}"
+        )
+    return value
+
+
 def _cmd_list(args):
     from sb_keras import registry
 
@@ -110,13 +153,13 @@ def _add_tune(sub):
     )
     p.add_argument("--dataset", default="cifar10")
     p.add_argument("--data-dir", default=None, help="folder with train.npz")
-    p.add_argument("--limit", type=int, default=None, help="training images used")
+    p.add_argument("--limit", type=_POSITIVE, default=None, help="training images")
     p.add_argument("--val-split", type=float, default=0.1)
     p.add_argument("--depth", type=int, default=20)
     p.add_argument("--tuner", default="bayesian", help="bayesian, hyperband, random")
-    p.add_argument("--max-trials", type=int, default=10)
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--max-trials", type=_POSITIVE, default=10)
+    p.add_argument("--epochs", type=_POSITIVE, default=5)
+    p.add_argument("--batch-size", type=_POSITIVE, default=128)
     p.add_argument("--sharings", default="plain,single,double")
     p.add_argument("--shared-ranks", default="8,16,32")
     p.add_argument("--unique-ranks", default="0,1,2")
@@ -141,11 +184,13 @@ def _add_tune(sub):
 def _cmd_convert(args):
     from sb_keras import checkpoints
     from sb_keras import counting
+    from sb_keras import paths
 
     if not args.output.endswith(".keras"):
         raise ValueError(
             f"The output must be a .keras file. Received: output={args.output!r}"
         )
+    paths.check_output_file(args.output, "output")
     model = checkpoints.load_authors_checkpoint(args.checkpoint)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     model.save(args.output)
@@ -158,7 +203,7 @@ def _cmd_convert(args):
 def _cmd_evaluate(args):
     from sb_keras import evaluate
 
-    if args.model.lower().endswith(".tflite"):
+    if args.model.lower().endswith(".tflite") and not args.save_logits:
         # The deployment table: top-1, size and batch-1 latency (LiteRT).
         from sb_keras import litert
 
@@ -175,6 +220,7 @@ def _cmd_evaluate(args):
         data_dir=args.data_dir,
         limit=args.limit,
         batch_size=args.batch_size,
+        logits_path=args.save_logits,
     )
     print(
         f"{args.model}: top-1 {result['top1']:.2f}% "
@@ -206,9 +252,15 @@ def _add_evaluate(sub):
         help="folder with test.npz (x uint8 [N,32,32,3], y [N]) or a "
         "tensorflow-datasets data dir (default: $SB_KERAS_DATA_DIR, then tfds)",
     )
-    p.add_argument("--limit", type=int, default=None, help="first N images only")
-    p.add_argument("--batch-size", type=int, default=200)
+    p.add_argument("--limit", type=_POSITIVE, default=None, help="first N images only")
+    p.add_argument("--batch-size", type=_POSITIVE, default=200)
     p.add_argument("--dataset", default="cifar10", help="default: cifar10")
+    p.add_argument(
+        "--save-logits",
+        default=None,
+        metavar="FILE.npy",
+        help="also write the model's outputs [N, classes] (float32) here",
+    )
     p.set_defaults(func=_cmd_evaluate)
 
 
@@ -233,7 +285,7 @@ def _cmd_train(args):
 _TRAIN_FIELDS = (
     "model dataset epochs batch_size lr momentum schedule weight_decay "
     "orthogonality precision strategy devices seed data_dir output limit "
-    "test_limit image_size deterministic verbose tensorboard"
+    "test_limit image_size deterministic verbose tensorboard model_args init_from qat"
 ).split()
 
 
@@ -244,11 +296,37 @@ def _add_train(sub):
         description="Train a registered model. Defaults are Kang & Kim's CIFAR "
         "recipe. Running the same command again resumes an interrupted run.",
     )
-    p.add_argument("--model", default="resnet56_s16u1_double", help="registry name")
-    p.add_argument("--dataset", default="cifar10", help="cifar10, cifar100, imagenet")
-    p.add_argument("--epochs", type=int, default=300)
     p.add_argument(
-        "--batch-size", type=int, default=256, help="global batch (all replicas)"
+        "--model",
+        default=None,
+        help="registry name (default: resnet56_s16u1_double, or the model in "
+        "--init-from)",
+    )
+    p.add_argument(
+        "--model-args",
+        type=_json_dict,
+        default={},
+        metavar="JSON",
+        help="constructor arguments over the registry's, e.g. '{\"depth\": 8}'",
+    )
+    p.add_argument(
+        "--init-from",
+        default=None,
+        metavar="FILE",
+        help="fine-tune: start from a .keras model of sb_keras or an authors' "
+        ".pth checkpoint (the model comes from the file)",
+    )
+    p.add_argument(
+        "--qat",
+        action="store_true",
+        help="quantization-aware training: fold the model and train its int8 "
+        "fake-quant twin (then: sb-keras export --quantize int8); use a tiny "
+        "--lr such as 1e-5",
+    )
+    p.add_argument("--dataset", default="cifar10", help="cifar10, cifar100, imagenet")
+    p.add_argument("--epochs", type=_POSITIVE, default=300)
+    p.add_argument(
+        "--batch-size", type=_POSITIVE, default=256, help="global batch (all replicas)"
     )
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--momentum", type=float, default=0.9)
@@ -268,7 +346,7 @@ def _add_train(sub):
         choices=["auto", "mirrored", "multiworker", "none"],
     )
     p.add_argument(
-        "--devices", type=int, default=None, help="logical CPU devices or GPUs"
+        "--devices", type=_POSITIVE, default=None, help="logical CPU devices or GPUs"
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -278,10 +356,12 @@ def _add_train(sub):
         "(ImageNet: imagenet2012 prepared there, streamed)",
     )
     p.add_argument("--output", default="runs/train", help="folder of the run")
-    p.add_argument("--limit", type=int, default=None, help="first N train images")
-    p.add_argument("--test-limit", type=int, default=None, help="first N test images")
+    p.add_argument("--limit", type=_POSITIVE, default=None, help="first N train images")
     p.add_argument(
-        "--image-size", type=int, default=None, help="ImageNet crop side (224)"
+        "--test-limit", type=_POSITIVE, default=None, help="N test images (spread)"
+    )
+    p.add_argument(
+        "--image-size", type=_POSITIVE, default=None, help="ImageNet crop side (224)"
     )
     p.add_argument("--deterministic", action="store_true", help="deterministic ops")
     p.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2])
@@ -456,7 +536,7 @@ def _add_export(sub):
     p.add_argument("--data-dir", default=None, help="real dataset (int8 calibration)")
     p.add_argument("--dataset", default="cifar10")
     p.add_argument("--int8-io", action="store_true", help="int8 input/output tensors")
-    p.add_argument("--calibration-count", type=int, default=500)
+    p.add_argument("--calibration-count", type=_POSITIVE, default=500)
     p.add_argument(
         "--per-tensor", action="store_true", help="int8 weights: one scale per tensor"
     )
@@ -594,7 +674,7 @@ COMMANDS.append(_add_adapt)
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sb-keras",
         description="ConvNets with shared filter bases (Keras 3).",
     )
@@ -615,6 +695,9 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as e:
         print(f"sb-keras {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, permissions: one line, no traceback
+        print(f"sb-keras {args.command}: error: {e}", file=sys.stderr)
+        return 1
     return 0 if result is None else int(result)
 
 

@@ -87,7 +87,64 @@ def _read_npz(path):
             f"{path}: expected x [N, H, W, 3] and y [N]. "
             f"Received: x {x.shape}, y {y.shape}"
         )
-    return x.astype(np.uint8), y.astype(np.int64).reshape(-1)
+    return x, y.reshape(-1)
+
+
+def check_arrays(x, y, dataset, source="arrays"):
+    """Checks images and labels before they are used; returns them typed.
+
+    Images must be pixels: uint8, or integers in ``[0, 255]`` (converted
+    exactly). Floats are refused, even in ``[0, 255]``, because images
+    scaled to ``[0, 1]`` or normalized would otherwise be truncated to
+    nonsense pixels; so are NaN and out-of-range values. Labels must be
+    integers in ``[0, classes)`` of ``dataset``.
+
+    Args:
+        x: images ``[N, H, W, 3]``.
+        y: labels ``[N]``.
+        dataset: a name of `DATASETS` (its number of classes).
+        source: where the arrays come from (for the messages).
+
+    Returns:
+        ``(x uint8, y int64)``.
+
+    Raises:
+        ValueError: naming the source and the problem.
+    """
+    classes = check_dataset(dataset)["classes"]
+    x, y = np.asarray(x), np.asarray(y).reshape(-1)
+    if np.issubdtype(x.dtype, np.floating):
+        if np.isnan(x).any():
+            found = "NaN values"
+        else:
+            found = f"values in [{x.min():g}, {x.max():g}]" if x.size else "none"
+        raise ValueError(
+            f"{source}: images must be uint8 pixels in [0, 255]; found float "
+            f"{found}. Store the raw pixels, not scaled or normalized images. "
+            f"Received: x.dtype={x.dtype}"
+        )
+    if x.dtype != np.uint8:
+        if not np.issubdtype(x.dtype, np.integer):
+            raise ValueError(
+                f"{source}: images must be uint8 pixels. Received: x.dtype={x.dtype}"
+            )
+        if x.size and (x.min() < 0 or x.max() > 255):
+            raise ValueError(
+                f"{source}: images must be pixels in [0, 255]. Received: "
+                f"x.dtype={x.dtype} with values in [{x.min()}, {x.max()}]"
+            )
+        x = x.astype(np.uint8)
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(
+            f"{source}: labels must be integers in [0, {classes}) for "
+            f"dataset={dataset!r}. Received: y.dtype={y.dtype}"
+        )
+    if y.size and (y.min() < 0 or y.max() >= classes):
+        raise ValueError(
+            f"{source}: labels must be in [0, {classes}) for dataset={dataset!r}. "
+            f"Received: labels in [{y.min()}, {y.max()}]"
+        )
+    return x, y.astype(np.int64)
 
 
 def find_source(dataset, split="train", data_dir=None):
@@ -168,7 +225,8 @@ def load_arrays(dataset="cifar10", split="train", data_dir=None, limit=None):
     """The whole split as NumPy arrays ``(x uint8 [N,H,W,3], y int64 [N])``.
 
     For datasets that fit in memory (CIFAR); stream ImageNet with
-    `sb_keras.imagenet.load_streams`.
+    `sb_keras.imagenet.load_streams`. The arrays are checked (`check_arrays`:
+    uint8 pixels, labels in ``[0, classes)``) before anything uses them.
 
     Example:
 
@@ -195,7 +253,7 @@ def load_arrays(dataset="cifar10", split="train", data_dir=None, limit=None):
             batch_size=-1,
         )
         x, y = tfds.as_numpy(ds)
-        x, y = x.astype(np.uint8), y.astype(np.int64)
+    x, y = check_arrays(x, y, dataset, source=where if kind == "npz" else dataset)
     if limit is not None:
         x, y = x[:limit], y[:limit]
     return x, y

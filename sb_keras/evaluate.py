@@ -97,8 +97,52 @@ def top1(logits, labels):
     return int(np.sum(np.argmax(logits, axis=-1) == labels)), len(labels)
 
 
+def _check_npy_path(path):
+    """``path`` made absolute, if a ``.npy`` file can be written there."""
+    path = os.fspath(path)
+    if not path.endswith(".npy"):
+        raise ValueError(
+            f"The logits file must end in '.npy'. Received: logits_path={path!r}"
+        )
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or os.path.isdir(path):
+        raise ValueError(
+            "The logits file's folder does not exist (or the path is a folder). "
+            f"Received: logits_path={path!r}"
+        )
+    return os.path.abspath(path)
+
+
+def save_logits(path, logits):
+    """Writes ``logits`` as a float32 ``.npy`` file, atomically (0644)."""
+    import tempfile
+
+    path = _check_npy_path(path)
+    folder = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(suffix=".npy.part", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, np.asarray(logits, np.float32))
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def evaluate(
-    model, dataset="cifar10", data_dir=None, limit=None, batch_size=200, split="test"
+    model,
+    dataset="cifar10",
+    data_dir=None,
+    limit=None,
+    batch_size=200,
+    split="test",
+    logits_path=None,
 ):
     """Top-1 accuracy of a model or model file on a test split.
 
@@ -111,6 +155,8 @@ def evaluate(
         limit: evaluate the first ``limit`` images only.
         batch_size: images per inference batch.
         split: ``"test"`` (default) or ``"train"``.
+        logits_path: also write the outputs ``[N, classes]`` to this
+            ``.npy`` file (`save_logits`).
 
     Returns:
         ``{"top1": percent, "correct": int, "total": int}``.
@@ -132,7 +178,19 @@ def evaluate(
         raise ValueError(
             f"`limit` must be a positive integer. Received: limit={limit!r}"
         )
+    classes = data.check_dataset(dataset)["classes"]
+    if logits_path is not None:
+        _check_npy_path(logits_path)
     predict = get_predictor(model, batch_size)
     x, y = data.load_arrays(dataset, split, data_dir=data_dir, limit=limit)
-    correct, total = top1(predict(x), y)
+    outputs = np.asarray(predict(x[:1])).shape[-1]
+    if outputs != classes:
+        raise ValueError(
+            f"The model predicts {outputs} classes but dataset={dataset!r} has "
+            f"{classes}. Received: dataset={dataset!r}"
+        )
+    logits = predict(x)
+    if logits_path is not None:
+        save_logits(logits_path, logits)
+    correct, total = top1(logits, y)
     return {"top1": 100.0 * correct / total, "correct": correct, "total": total}

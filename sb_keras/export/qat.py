@@ -106,10 +106,13 @@ def _input_fake_quant(tensor):
     return None
 
 
-def _output_fake_quant(tensor, uses):
-    """The `FakeQuant` that rounds a tensor (directly or after a fused ReLU)."""
+def _output_fake_quant(tensor, users_of):
+    """The `FakeQuant` that rounds a tensor (directly or after a fused ReLU).
+
+    ``users_of(tensor)`` lists the nodes that take ``tensor`` as input.
+    """
     for _ in range(2):
-        users = uses.get(id(tensor), [])
+        users = users_of(tensor)
         if len(users) != 1:
             return None
         op = users[0].operation
@@ -121,14 +124,45 @@ def _output_fake_quant(tensor, uses):
     return None
 
 
+def _graph_users(tensor):
+    """The nodes that take ``tensor`` as input, from its producer's graph."""
+    op = tensor._keras_history.operation
+    return [
+        node
+        for node in op._outbound_nodes
+        if any(t is tensor for t in node.input_tensors)
+    ]
+
+
+def link_layer(layer, users_of=_graph_users):
+    """Links one quantized layer to the `FakeQuant` ranges around it.
+
+    Returns:
+        True when the layer has a complete link (input and output ranges);
+        False when it is not linkable (shared layer, no fake quant around).
+    """
+    if not isinstance(layer, _INTEGER) or len(layer._inbound_nodes) != 1:
+        return False
+    node = layer._inbound_nodes[0]
+    sources = [_input_fake_quant(t) for t in node.input_tensors]
+    output = _output_fake_quant(node.outputs[0], users_of)
+    layer._input_ranges = [_Link(f) for f in sources if f is not None]
+    complete = output is not None and None not in sources
+    layer._output_range = _Link(output) if complete else None
+    return complete
+
+
 def link_ranges(model):
     """Links every quantized layer of a QAT model to its int8 grids.
 
     Each layer learns which `FakeQuant` ranges its inputs and its output
     carry; with them its bias is rounded to TFLite's int32 grid and its
     inference computes like the int8 kernels. `quantize_aware_model` calls
-    it; the links are Python references, not saved in ``.keras`` files, so
-    call it again on a loaded QAT model (`convert` does).
+    it. The links are Python references, not saved in ``.keras`` files: a
+    loaded QAT model links each layer from its graph at its first call (see
+    `link_layer`), so it computes the int8 path right after
+    ``keras.models.load_model``. Calling this drops the model's compiled
+    ``predict``/``evaluate``/``fit`` functions so that they see the links.
 
     Args:
         model: a model from `quantize_aware_model` (or loaded from one).
@@ -137,17 +171,12 @@ def link_ranges(model):
         The number of layers with complete links.
     """
     uses = graph.consumers(model)
-    linked = 0
-    for layer in model.layers:
-        if not isinstance(layer, _INTEGER) or len(layer._inbound_nodes) != 1:
-            continue
-        node = layer._inbound_nodes[0]
-        sources = [_input_fake_quant(t) for t in node.input_tensors]
-        output = _output_fake_quant(node.outputs[0], uses)
-        layer._input_ranges = [_Link(f) for f in sources if f is not None]
-        complete = output is not None and None not in sources
-        layer._output_range = _Link(output) if complete else None
-        linked += complete
+    linked = sum(
+        link_layer(layer, lambda t: uses.get(id(t), [])) for layer in model.layers
+    )
+    for name in ("predict_function", "test_function", "train_function"):
+        if getattr(model, name, None) is not None:
+            setattr(model, name, None)
     return linked
 
 

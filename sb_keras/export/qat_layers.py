@@ -118,9 +118,23 @@ def simulated():
         _SIMULATE[0] = previous
 
 
+def _links(layer):
+    """The layer's input `_Link` list, linking it from its graph if needed.
+
+    A QAT model loaded from a file has no links (they are Python
+    references); its layers link themselves at their first call once their
+    node is in the graph (`sb_keras.export.qat.link_layer`).
+    """
+    if not hasattr(layer, "_input_ranges") and len(layer._inbound_nodes) == 1:
+        from sb_keras.export.qat import link_layer
+
+        link_layer(layer)
+    return getattr(layer, "_input_ranges", None)
+
+
 def _integer_grids(layer, training):
     """``(input grids, output grid)`` for the integer path, or None."""
-    inputs = getattr(layer, "_input_ranges", None)
+    inputs = _links(layer)
     output = getattr(layer, "_output_range", None)
     if training or _SIMULATE[0] or not inputs or output is None:
         return None
@@ -177,7 +191,7 @@ def _quantize_bias(layer, bias, weight_scale):
     (otherwise the bias rounding shifts some outputs by one step, which then
     spreads through the network). Straight-through gradient.
     """
-    refs = getattr(layer, "_input_ranges", None)
+    refs = _links(layer)
     if not refs:
         return bias
     sx, _ = refs[0].grid()
@@ -259,7 +273,8 @@ class QuantConv2D(_Float32Inputs, keras.layers.Conv2D):
     Built by `quantize_aware_model`, which links it to the `FakeQuant` of
     its input and of its output (`link_ranges`): with them the bias is
     rounded to TFLite's int32 grid and inference runs the int8 arithmetic.
-    The links are not serialized: call `link_ranges` on a reloaded model.
+    The links are not serialized; a reloaded layer links itself at its first
+    call (`sb_keras.export.qat.link_layer`).
     """
 
     @_float32

@@ -85,12 +85,21 @@ def check_output_path(path):
 
 
 def write_atomic(path, content):
-    """Writes bytes to ``path`` via a temporary file in the same folder."""
+    """Writes bytes to ``path`` via a temporary file in the same folder.
+
+    The file gets the usual permissions (``0666`` less the umask, as
+    ``open`` gives; a temporary file starts at ``0600``).
+    """
     folder = os.path.dirname(path)
     fd, tmp = tempfile.mkstemp(suffix=".tflite.part", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -116,6 +125,12 @@ def check_representative_data(model, data):
             f"(N, {', '.join(map(str, expected))}) "
             f"with N >= 1, the model's input. Received: "
             f"representative_data.shape={array.shape}"
+        )
+    if not np.isfinite(array).all():
+        raise ValueError(
+            "`representative_data` must be finite; it holds "
+            f"{int(np.isnan(array).sum())} NaN and {int(np.isinf(array).sum())} "
+            "infinite values. Received: representative_data with non-finite values"
         )
     return array
 

@@ -5,6 +5,7 @@ import json
 import os
 
 PRECISIONS = ("float32", "mixed_bfloat16")
+DEFAULT_MODEL = "resnet56_s16u1_double"
 
 
 @dataclasses.dataclass
@@ -12,7 +13,8 @@ class TrainConfig:
     """Everything a run needs; the defaults are Kang & Kim's CIFAR recipe.
 
     Attributes:
-        model: a registry name (`sb_keras.list_models()`).
+        model: a registry name (`sb_keras.list_models()`). None: the
+            model saved in ``init_from``, else ``"resnet56_s16u1_double"``.
         dataset: `"cifar10"`, `"cifar100"` or `"imagenet"`.
         epochs: epochs to train. Paper: 300.
         batch_size: the *global* batch (per-replica batch x replicas); it
@@ -42,9 +44,14 @@ class TrainConfig:
         tensorboard: write TensorBoard logs.
         model_args: constructor arguments overriding the registry's (e.g.
             ``{"depth": 14}`` for a tiny test model).
+        init_from: start from this model file (fine-tuning): a ``.keras``
+            file of sb_keras or an authors' ``.pth`` checkpoint
+            (`sb_keras.training.finetune`); the model comes from the file.
+        qat: train the quantization-aware twin of the model (folded, int8
+            fake quant; `sb_keras.export.quantize_aware_model`).
     """
 
-    model: str = "resnet56_s16u1_double"
+    model: str | None = None
     dataset: str = "cifar10"
     epochs: int = 300
     batch_size: int = 256
@@ -66,15 +73,35 @@ class TrainConfig:
     verbose: int = 1
     tensorboard: bool = True
     model_args: dict = dataclasses.field(default_factory=dict)
+    init_from: str | None = None
+    qat: bool = False
 
     def validate(self):
         """Checks every field; raises ValueError naming the bad one."""
         from sb_keras import data
+        from sb_keras import paths
         from sb_keras import registry
         from sb_keras.training import distribute
         from sb_keras.training import recipe
 
-        registry.model_info(self.model)
+        if self.init_from is None:
+            registry.model_info(self.model or DEFAULT_MODEL)
+        else:
+            from sb_keras.training import finetune
+
+            finetune.check_init_from(self.init_from)
+            if self.precision != "float32":
+                raise ValueError(
+                    "A model loaded with `init_from` keeps the precision of its "
+                    f"file; use float32. Received: precision={self.precision!r}"
+                )
+        if not isinstance(self.qat, bool):
+            raise ValueError(f"`qat` must be a bool. Received: qat={self.qat!r}")
+        if self.qat and self.precision != "float32":
+            raise ValueError(
+                "Quantization-aware training runs in float32. "
+                f"Received: precision={self.precision!r} with qat=True"
+            )
         data.check_dataset(self.dataset)
         for name in ("epochs", "batch_size"):
             _check_int(name, getattr(self, name), 1)
@@ -110,6 +137,7 @@ class TrainConfig:
                 f"dataset={self.dataset!r}"
             )
         recipe.parse_schedule(self.schedule, self.epochs)
+        paths.check_output_folder(self.output, "output")
         if not isinstance(self.model_args, dict):
             raise ValueError(
                 f"`model_args` must be a dict. Received: model_args={self.model_args!r}"
@@ -130,23 +158,29 @@ def build_model(config, num_classes, input_shape):
     Build it inside the strategy's scope. The model outputs logits; the loss
     is sparse categorical cross-entropy plus the model's own orthogonality
     losses (``add_loss``), which Keras scales per replica like the main loss.
+    With ``config.init_from`` the model is the file's; with ``config.qat``
+    its quantization-aware twin (`sb_keras.training.finetune`).
     """
     import keras
 
     from sb_keras import registry
+    from sb_keras.training import finetune
 
+    if config.init_from is not None:
+        model = finetune.initial_model(config, num_classes, input_shape)
+        return finetune.quantize_aware(model) if config.qat else model
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(config.precision)
     try:
         model = registry.get_model(
-            config.model,
+            config.model or DEFAULT_MODEL,
             num_classes=num_classes,
             input_shape=input_shape,
             **{"orthogonality": float(config.orthogonality), **config.model_args},
         )
     finally:
         keras.config.set_dtype_policy(previous)
-    return model
+    return finetune.quantize_aware(model) if config.qat else model
 
 
 def compile_model(model, config, steps_per_epoch, jit_compile=None):
@@ -270,6 +304,8 @@ def train(config=None, callbacks=(), **overrides):
     with strategy.scope():
         model = build_model(config, info["classes"], input_shape)
         compile_model(model, config, steps)
+    if config.model is None:  # named by init_from's file, or the default
+        config = dataclasses.replace(config, model=model.name)
 
     cbs = recipe.make_callbacks(
         output,
