@@ -42,11 +42,11 @@ def check_init_from(path):
 
 def load_model_file(path):
     """The model in a ``.keras`` file or an authors' checkpoint (uncompiled)."""
-    import keras
+    from sb_keras import saving
 
     path = check_init_from(path)
     if path.lower().endswith(".keras"):
-        return keras.models.load_model(path, compile=False)
+        return saving.load_model(path, compile=False)
     from sb_keras.checkpoints import load_authors_checkpoint
 
     return load_authors_checkpoint(path)
