@@ -118,8 +118,22 @@ def _copy_unshared(source, target):
         layer.set_weights(source.get_layer(layer.name).get_weights())
 
 
+def _bn_statistics(bn):
+    """``(gamma, beta, moving_mean, moving_variance)`` of a BN of any convention."""
+    return tuple(
+        np.asarray(v)
+        for v in (bn.gamma, bn.beta, bn.moving_mean, bn.moving_variance)
+    )
+
+
 def _set_bn(bn, gamma, beta, mean, variance):
-    bn.set_weights([np.asarray(a, np.float32) for a in (gamma, beta, mean, variance)])
+    """Sets the four statistics by name (a PyTorch-convention BN also counts
+    ``num_batches_tracked``, which stays as it is)."""
+    for variable, value in zip(
+        (bn.gamma, bn.beta, bn.moving_mean, bn.moving_variance),
+        (gamma, beta, mean, variance),
+    ):
+        variable.assign(np.asarray(value, np.float32))
 
 
 def compress(
@@ -349,7 +363,7 @@ def _copy_unshared_into_plain(model, target):
             kernel = np.tensordot(basis, s_b[:, None] * coeff, axes=([3], [0]))
             layer.set_weights([kernel.astype(np.float32)])
             bn = target.get_layer(layer.name[: -len("conv1")] + "bn" + layer.name[-1])
-            gamma, beta, mean, var = src.bn.get_weights()
+            gamma, beta, mean, var = _bn_statistics(src.bn)
             bias = t_b @ coeff
             _set_bn(bn, gamma, beta, mean.astype(np.float64) - bias, var)
 
