@@ -151,3 +151,18 @@ def test_cli_evaluate_and_export_name_the_broken_file(good_model_file, tmp_path)
         assert f"sb-keras {args[0]}: error: Cannot load {path!r}" in line
         assert "model.weights.h5 is truncated or corrupt" in line
     assert not os.path.exists(tmp_path / "out.tflite")
+
+
+def test_absurd_config_fails_fast_naming_file_and_argument(good_model_file, tmp_path):
+    """A config asking for a 12002-layer ResNet is refused before building."""
+    import json
+
+    def absurd(name, data):
+        if name != "config.json":
+            return data
+        config = json.loads(data)
+        config["config"]["depth"] = 12002
+        return json.dumps(config).encode()
+
+    path = _rewrite(good_model_file, tmp_path / "absurd.keras", absurd)
+    _assert_fails_fast(path, r"Received: depth=12002")
