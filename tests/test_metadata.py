@@ -4,7 +4,8 @@ MediaPipe's ``ImageClassifier`` loads the exported file as it is (labels and
 input normalization from the metadata) and must give the same top-1 labels
 as the LiteRT evaluation. MediaPipe pins numpy/protobuf versions that
 conflict with TensorFlow's, so it lives in a virtual environment of its own,
-created once under the repository's ignored ``build/`` folder.
+created once under the repository's ignored ``build/`` folder. Creating it
+takes a minute or more, so these tests run in CI's slow step.
 """
 
 import os
@@ -19,6 +20,8 @@ from sb_keras import litert
 from sb_keras.export import metadata
 from sb_keras.export import pipeline
 from tests.conftest import shared_path
+
+pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV = os.path.join(ROOT, "build", "mediapipe-venv")
@@ -74,7 +77,7 @@ def classify_with_mediapipe(python, path, images, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "quantize", ["none", pytest.param("int8", marks=pytest.mark.slow)]
+    "quantize", ["none", "int8"]
 )
 def test_mediapipe_classifies_like_litert(
     quantize, mediapipe_python, cifar10_dir, tmp_path
