@@ -541,7 +541,11 @@ def _add_compress(sub):
         "basis plus unique ones (sb_keras.compress) and writes the shared "
         "model; fine-tune it afterwards.",
     )
-    p.add_argument("model", help="a plain sb_keras ResNet .keras file")
+    p.add_argument(
+        "model",
+        help="a plain sb_keras ResNet or a functional Keras ResNet of the same "
+        "layout (.keras file)",
+    )
     p.add_argument("output", help="the .keras file to write")
     p.add_argument("--shared-rank", type=int, required=True, help="S (stage 1)")
     p.add_argument("--unique-rank", type=int, default=1, help="u (stage 1)")

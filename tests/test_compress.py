@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import sb_keras
+from sb_keras.compression import keras_resnet
 from sb_keras.compression import svd
 from sb_keras.layers import BasisConv2D
 from tests.conftest import shared_path
@@ -250,8 +251,217 @@ def test_unrecognized_models_are_refused():
     shared = sb_keras.ResNet(20, share=True)
     with pytest.raises(ValueError, match="already shared"):
         sb_keras.compress(shared, 4)
-    with pytest.raises(ValueError, match="model="):
-        sb_keras.compress(sb_keras.ResNet(50, input_shape=(64, 64, 3)), 4)
+
+
+# ---------------------------------------------------------------------------
+# Sources other than a CIFAR sb_keras.ResNet
+# ---------------------------------------------------------------------------
+
+L = keras.layers
+
+
+def _conv_bn(x, filters, kernel, strides, bias=False, same=False, bn=True):
+    """A Keras conv + BN, strided convs padded as sb_keras (or "same")."""
+    if strides > 1 and kernel > 1 and not same:
+        x = L.ZeroPadding2D(kernel // 2)(x)
+    padding = "valid" if strides > 1 and not same else "same"
+    x = L.Conv2D(filters, kernel, strides=strides, padding=padding, use_bias=bias)(x)
+    return L.BatchNormalization()(x) if bn else x
+
+
+def _option_a(x, filters):
+    pad = (filters - x.shape[-1]) // 2
+    return keras.ops.pad(x[:, ::2, ::2, :], [[0, 0], [0, 0], [0, 0], [pad, pad]])
+
+
+def _keras_resnet(
+    blocks=(3, 3, 3),
+    widths=(16, 32, 64),
+    shortcut="ops",
+    stem="cifar",
+    size=32,
+    normalize=True,
+    block_kw=None,
+    bottleneck=False,
+):
+    """A functional Keras ResNet with Keras's layer names, random BN statistics."""
+    block_kw = block_kw or {}
+    inputs = keras.Input((size, size, 3))
+    x = inputs
+    if normalize:  # the CIFAR-10 statistics of sb_keras, in Keras layers
+        x = L.Rescaling(1 / 255.0)(x)
+        mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+        x = L.Normalization(mean=mean, variance=np.square(std))(x)
+    if stem == "cifar":
+        x = L.ReLU()(_conv_bn(x, widths[0], 3, 1))
+    else:
+        x = L.ReLU()(_conv_bn(x, widths[0], 7, 2))
+        x = L.MaxPooling2D(3, strides=2)(L.ZeroPadding2D(1)(x))
+    for g, (n, w) in enumerate(zip(blocks, widths)):
+        for i in range(n):
+            s = 2 if g > 0 and i == 0 else 1
+            if bottleneck:
+                y = L.ReLU()(_conv_bn(x, w // 4, 1, 1))
+                y = L.ReLU()(_conv_bn(y, w // 4, 3, s))
+                y = _conv_bn(y, w, 1, 1)
+            else:
+                y = L.ReLU()(_conv_bn(x, w, 3, s, **block_kw))
+                y = _conv_bn(y, w, 3, 1, **block_kw)
+            if s == 1 and x.shape[-1] == w:
+                sc = x
+            elif shortcut == "ops":
+                sc = _option_a(x, w)
+            elif shortcut == "lambda":
+                sc = L.Lambda(_option_a, arguments={"filters": w})(x)
+            else:
+                sc = _conv_bn(x, w, 1, s)
+            x = L.Activation("relu")(L.Add()([y, sc]))
+    outputs = L.Dense(10)(L.GlobalAveragePooling2D()(x))
+    model = keras.Model(inputs, outputs, name="my_resnet")
+    rng = np.random.RandomState(7)
+    for layer in model.layers:
+        if isinstance(layer, L.BatchNormalization):
+            c = layer.gamma.shape[0]
+            layer.set_weights(
+                [
+                    rng.uniform(0.5, 1.5, c),
+                    rng.normal(0, 0.2, c),
+                    rng.normal(0, 0.5, c),
+                    rng.uniform(0.5, 2.0, c),
+                ]
+            )
+    return model
+
+
+def test_keras_resnet_compresses_exactly_and_like_its_twin():
+    source = _keras_resnet(blocks=(2, 2, 2))
+    rng = np.random.RandomState(8)
+    x = rng.uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    reference = source.predict(x, verbose=0)
+    shared, report = sb_keras.compress(source, 143, 1, method="plain")
+    assert isinstance(shared, sb_keras.ResNet) and shared.share
+    assert (shared.depth, shared.preprocessing) == (14, "cifar10")
+    assert max(g["relative_error"] for g in report["groups"]) < 1e-9
+    np.testing.assert_allclose(shared.predict(x, verbose=0), reference, atol=1e-4)
+    # Rank reduced: the same result as compressing the sb_keras twin.
+    twin = keras_resnet.plain_resnet(source)
+    assert not twin.share and twin.name == "my_resnet"
+    np.testing.assert_allclose(twin.predict(x, verbose=0), reference, atol=1e-4)
+    images = rng.uniform(0, 255, (8, 32, 32, 3)).astype("float32")
+    kw = {"calibration_data": images}
+    small, report = sb_keras.compress(source, 4, 1, **kw)
+    expected, expected_report = sb_keras.compress(twin, 4, 1, **kw)
+    assert report["params_after"] == expected_report["params_after"]
+    assert report["params_after"] < report["params_before"]
+    np.testing.assert_allclose(
+        small.predict(x, verbose=0), expected.predict(x, verbose=0), atol=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, depth, stem",
+    [
+        ({"shortcut": "lambda", "blocks": (1, 1, 1), "normalize": False}, 8, "cifar"),
+        (
+            {"blocks": (2,) * 4, "widths": (64, 128, 256, 512), "shortcut": "proj"},
+            18,
+            "cifar",
+        ),
+        (
+            {
+                "blocks": (2,) * 4,
+                "widths": (64, 128, 256, 512),
+                "shortcut": "proj",
+                "stem": "imagenet",
+            },
+            18,
+            "imagenet",
+        ),
+    ],
+)
+def test_keras_resnet_layouts_map_to_their_twin(kwargs, depth, stem):
+    source = _keras_resnet(**kwargs)
+    twin = keras_resnet.plain_resnet(source)
+    assert (twin.depth, twin.stem) == (depth, stem)
+    assert twin.preprocessing == ("cifar10" if kwargs.get("normalize", True) else None)
+    assert sb_keras.count_params(twin) == sb_keras.count_params(source)
+    x = np.random.RandomState(9).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(
+        twin.predict(x, verbose=0), source.predict(x, verbose=0), atol=1e-4
+    )
+
+
+def _sequential():
+    return keras.Sequential(
+        [
+            keras.Input((32, 32, 3)),
+            L.Conv2D(16, 3, use_bias=False),
+            L.BatchNormalization(),
+            L.ReLU(),
+            L.GlobalAveragePooling2D(),
+            L.Dense(10),
+        ],
+        name="my_resnet",
+    )
+
+
+@pytest.mark.parametrize(
+    "build, found",
+    [
+        (
+            lambda: _keras_resnet(bottleneck=True, widths=(64, 128, 256)),
+            "kernel_size=\\(1, 1\\)",
+        ),
+        (
+            lambda: _keras_resnet(block_kw={"bn": False}),
+            "expected a BatchNormalization",
+        ),
+        (lambda: _keras_resnet(block_kw={"bias": True}), "use_bias=True"),
+        (lambda: _keras_resnet(block_kw={"same": True}), "padding='same' at stride 2"),
+        (lambda: _keras_resnet(shortcut="proj"), "first shortcuts \\(.*projection"),
+        (lambda: _keras_resnet(widths=(8, 16, 32)), "stage widths \\(8, 16, 32\\)"),
+        (_sequential, "no residual block"),
+    ],
+)
+def test_unrecognized_keras_layouts_are_refused(build, found):
+    with pytest.raises(
+        ValueError, match=f"Found: .*{found}.*Received: model='my_resnet'"
+    ):
+        sb_keras.compress(build(), 4)
+
+
+@pytest.mark.slow  # ~20 s: the SVDs of the 512-filter stage
+def test_imagenet_stem_resnet18_round_trip_is_exact():
+    shared = sb_keras.ResNet(
+        18, share=True, shared_rank=4, unique_rank=1, input_shape=(32, 32, 3)
+    )
+    assert shared.stem == "imagenet" and shared.sharing == "double"
+    rng = np.random.RandomState(10)
+    for layer in shared.layers:
+        for bn in getattr(layer, "basis_bn", None), getattr(layer, "bn", None):
+            if bn is not None:
+                c = bn.gamma.shape[0]
+                bn.set_weights(
+                    [
+                        rng.uniform(0.5, 1.5, c),
+                        rng.normal(0, 0.2, c),
+                        rng.normal(0, 0.5, c),
+                        rng.uniform(0.5, 2.0, c),
+                    ]
+                )
+    plain = sb_keras.unshare(shared)
+    back, report = sb_keras.compress(plain, 4, 1, sharing="double", method="plain")
+    assert report["params_after"] == sb_keras.count_params(shared)
+    x = rng.uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(
+        back.predict(x, verbose=0), shared.predict(x, verbose=0), atol=1e-4
+    )
+
+
+def test_bottleneck_resnet_is_refused():
+    model = sb_keras.ResNet(50, input_shape=(32, 32, 3))
+    with pytest.raises(ValueError, match="bottleneck blocks.*Received: model="):
+        sb_keras.compress(model, 4)
 
 
 # ---------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from sb_keras.compression import keras_resnet
 from sb_keras.compression import svd
 from sb_keras.layers import BasisConv2D
 from sb_keras.layers import FilterBasis
@@ -13,17 +14,25 @@ SHARINGS = ("single", "double")
 
 
 def _check_model(model):
-    ok = isinstance(model, ResNet) and not model.share
-    if ok and model.depth in IMAGENET_DEPTHS:
-        ok = IMAGENET_DEPTHS[model.depth][0] == "basic"
-    if not ok:
-        kind = type(model).__name__
-        extra = " (already shared)" if getattr(model, "share", False) else ""
+    """``model`` as a plain basic-block `sb_keras.ResNet` (a Keras one rebuilt)."""
+    if not isinstance(model, ResNet):
+        return keras_resnet.plain_resnet(model)
+    found = None
+    if model.share:
+        found = "already shared"
+    elif model.depth in IMAGENET_DEPTHS and IMAGENET_DEPTHS[model.depth][0] != "basic":
+        found = (
+            "bottleneck blocks (their shared models share whole 3x3 kernels, "
+            "without ranks; not supported)"
+        )
+    if found:
         raise ValueError(
             "`model` must be a plain (share=False) basic-block sb_keras.ResNet "
-            "(CIFAR ResNet-6n+2 or ResNet-18/34). "
-            f"Received: model={getattr(model, 'name', model)!r} of class {kind}{extra}"
+            "(CIFAR ResNet-6n+2 or ResNet-18/34, either stem) or a functional "
+            f"Keras ResNet of the same layout; found {found}. "
+            f"Received: model={model.name!r}"
         )
+    return model
 
 
 def _check_int(name, value, low):
@@ -121,8 +130,7 @@ def _copy_unshared(source, target):
 def _bn_statistics(bn):
     """``(gamma, beta, moving_mean, moving_variance)`` of a BN of any convention."""
     return tuple(
-        np.asarray(v)
-        for v in (bn.gamma, bn.beta, bn.moving_mean, bn.moving_variance)
+        np.asarray(v) for v in (bn.gamma, bn.beta, bn.moving_mean, bn.moving_variance)
     )
 
 
@@ -177,7 +185,12 @@ def compress(
 
     Args:
         model: a trained plain basic-block `sb_keras.ResNet`
-            (``share=False``; CIFAR ResNet-6n+2 or ResNet-18/34).
+            (``share=False``; CIFAR ResNet-6n+2 or ResNet-18/34, either
+            stem), or a functional `keras.Model` of the same layout with any
+            layer names, recognized by structure and rebuilt as that
+            `sb_keras.ResNet` first (`keras_resnet.plain_resnet`; its module
+            docstring lists the recognized layouts). Bottleneck ResNets and
+            anything else raise a `ValueError`.
         shared_rank: ``S`` (stage-1 shared filters), >= 1.
         unique_rank: ``u`` (stage-1 unique filters per layer), >= 0;
             ``S + u`` at most the stage-1 filter size ``9 C``.
@@ -211,7 +224,7 @@ def compress(
     """
     from sb_keras.counting import count_params
 
-    _check_model(model)
+    model = _check_model(model)
     if sharing not in SHARINGS:
         raise ValueError(
             f"`sharing` must be one of {SHARINGS}. Received: sharing={sharing!r}"
