@@ -512,11 +512,12 @@ def test_authors_resnet56_round_trip_on_all_exact_images():
 
 @pytest.mark.slow
 def test_authors_resnet32_double_round_trip_on_all_exact_images():
-    # 16 filters per layer < S + u = 17: the exact solutions are not
-    # isolated and the iteration crosses a long plateau (near 4e-4 on
-    # stage 3 conv1) that the default relative-change rule takes for the
-    # minimum; without that rule it runs to its 500-iteration cap.
-    _exact_round_trip(RESNET32, 1000, tol=0.0)
+    # Fewer filters per layer than S + u: the exact solutions are not
+    # isolated, and on stage 3 conv1 the iteration stalls on a plateau near
+    # 4e-4 (a vanishing gradient). With the default arguments the stall is
+    # above the floor, so the basis is perturbed and the iteration goes on.
+    report = _exact_round_trip(RESNET32, 1000)
+    assert sum(g["escapes"] for g in report["groups"]) >= 1
 
 
 # ---------------------------------------------------------------------------

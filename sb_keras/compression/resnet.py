@@ -204,14 +204,18 @@ def compress(
             calibration data is given, else `"plain"`.
         batch_size: batch size of the calibration pass.
         max_iter: most L-BFGS iterations per group.
-        tol: relative-change stopping rule of `svd.shared_bases`.
+        tol: relative-change rule of a stall in `svd.shared_bases` (a stall
+            at a relative error between 1e-6 and 1e-2 restarts the L-BFGS
+            from a perturbed basis, twice at most without gain; ``tol=0``
+            runs to ``max_iter``).
 
     Returns:
         ``(shared_model, report)``: the `sb_keras.ResNet` with
         ``share=True`` and the given ranks, and a dict with ``groups`` (per
         stage and group: ``relative_error`` of the kernels,
         ``objective_error`` in the method's metric,
-        ``initial_relative_error`` of the one-SVD start, ``iterations``),
+        ``initial_relative_error`` of the one-SVD start, ``iterations``,
+        ``escapes``: restarts from a stall),
         ``params_before`` and ``params_after`` (`sb_keras.count_params`).
 
     Example:
@@ -299,6 +303,7 @@ def compress(
                 "objective_error": info["relative_error"],
                 "initial_relative_error": info["initial_relative_error"],
                 "iterations": info["iterations"],
+                "escapes": info["escapes"],
             }
         )
     report["params_before"] = count_params(model)
