@@ -260,11 +260,12 @@ def test_unrecognized_models_are_refused():
 L = keras.layers
 
 
-def _conv_bn(x, filters, kernel, strides, bias=False, same=False, bn=True):
+def _conv_bn(x, filters, kernel, strides, bias=False, same=False, bn=True, pad=False):
     """A Keras conv + BN, strided convs padded as sb_keras (or "same")."""
-    if strides > 1 and kernel > 1 and not same:
+    explicit = (strides > 1 or pad) and kernel > 1 and not same
+    if explicit:
         x = L.ZeroPadding2D(kernel // 2)(x)
-    padding = "valid" if strides > 1 and not same else "same"
+    padding = "valid" if explicit else "same"
     x = L.Conv2D(filters, kernel, strides=strides, padding=padding, use_bias=bias)(x)
     return L.BatchNormalization()(x) if bn else x
 
@@ -361,7 +362,16 @@ def test_keras_resnet_compresses_exactly_and_like_its_twin():
 @pytest.mark.parametrize(
     "kwargs, depth, stem",
     [
-        ({"shortcut": "lambda", "blocks": (1, 1, 1), "normalize": False}, 8, "cifar"),
+        (
+            {
+                "shortcut": "lambda",
+                "blocks": (1, 1, 1),
+                "normalize": False,
+                "block_kw": {"pad": True},
+            },
+            8,
+            "cifar",
+        ),
         (
             {"blocks": (2,) * 4, "widths": (64, 128, 256, 512), "shortcut": "proj"},
             18,

@@ -18,9 +18,9 @@ one image input, one output):
   the input itself or a weight-free function of it equal to one of
   `sb_keras.layers.preprocessing.NORMALIZATIONS` (e.g. ``Rescaling`` +
   ``Normalization`` with those statistics);
-* every Conv2D bias-free, linear, undilated, ungrouped; stride-1 3x3 convs
-  ``padding="same"``; strided 3x3/7x7 convs ``ZeroPadding2D(k // 2)`` then
-  ``padding="valid"`` (the PyTorch padding of `sb_keras.ResNet`; TF's
+* every Conv2D bias-free, linear, undilated, ungrouped; 3x3 and 7x7 convs
+  ``ZeroPadding2D(k // 2)`` then ``padding="valid"``, or at stride 1
+  ``padding="same"`` (the PyTorch padding of `sb_keras.ResNet`; TF's
   ``"same"`` pads asymmetrically at stride 2, a different function); ReLU
   as ``keras.layers.ReLU()`` or ``Activation("relu")``; any
   ``BatchNormalization`` on the channel axis (its epsilon is converted);
@@ -36,6 +36,16 @@ Anything else raises a `ValueError` that says what was found.
 import keras
 import numpy as np
 
+from sb_keras.compression.keras_graph import Mismatch
+from sb_keras.compression.keras_graph import describe
+from sb_keras.compression.keras_graph import match_bn
+from sb_keras.compression.keras_graph import match_conv
+from sb_keras.compression.keras_graph import match_relu
+from sb_keras.compression.keras_graph import producer
+from sb_keras.compression.keras_graph import same_function
+from sb_keras.compression.keras_graph import single_input
+from sb_keras.compression.keras_graph import spatial_size
+from sb_keras.compression.keras_graph import weight_free_function
 from sb_keras.layers import PixelNormalization
 from sb_keras.layers import ZeroPadShortcut
 from sb_keras.layers.preprocessing import NORMALIZATIONS
@@ -48,172 +58,45 @@ CIFAR_WIDTHS = (16, 32, 64)
 IMAGENET_WIDTHS = (64, 128, 256, 512)
 
 
-class _Mismatch(Exception):
-    """A part of the graph that is not the expected layout (``str``: what)."""
-
-
-def _name(op):
-    return f"{type(op).__name__} {getattr(op, 'name', op)!r}"
-
-
-def _producer(tensor):
-    """``(operation, input tensors)`` that made ``tensor`` (None for none)."""
-    history = getattr(tensor, "_keras_history", None)
-    if history is None:
-        return None, []
-    op = history.operation
-    node = op._inbound_nodes[history.node_index]
-    return op, list(node.input_tensors)
-
-
-def _single_input(op, inputs):
-    if len(inputs) != 1:
-        raise _Mismatch(f"{_name(op)} with {len(inputs)} inputs")
-    return inputs[0]
-
-
-def _relu(tensor, where):
-    op, inputs = _producer(tensor)
-    ok = isinstance(op, keras.layers.ReLU) and (
-        op.max_value is None and not op.negative_slope and not op.threshold
-    )
-    ok = ok or (
-        isinstance(op, keras.layers.Activation)
-        and getattr(op.activation, "__name__", "") == "relu"
-    )
-    if not ok:
-        raise _Mismatch(f"{where}: expected a ReLU, found {_name(op)}")
-    return _single_input(op, inputs)
-
-
-def _bn(tensor, where):
-    op, inputs = _producer(tensor)
-    if not isinstance(op, keras.layers.BatchNormalization):
-        raise _Mismatch(f"{where}: expected a BatchNormalization, found {_name(op)}")
-    if op.axis not in (-1, 3):
-        raise _Mismatch(f"{_name(op)} normalizes axis {op.axis}, not the channels")
-    return op, _single_input(op, inputs)
-
-
-def _conv(tensor, kernel, where):
-    """Matches a bias-free Conv2D with a ``kernel`` x ``kernel`` window.
-
-    Returns:
-        ``(layer, input, stride)``; a strided conv's input is taken from
-        before its ``ZeroPadding2D(kernel // 2)``.
-    """
-    op, inputs = _producer(tensor)
-    if not isinstance(op, keras.layers.Conv2D):
-        raise _Mismatch(f"{where}: expected a Conv2D, found {_name(op)}")
-    x = _single_input(op, inputs)
-    problems = []
-    if tuple(op.kernel_size) != (kernel, kernel):
-        problems.append(f"kernel_size={tuple(op.kernel_size)}, not {kernel}x{kernel}")
-    if op.use_bias:
-        problems.append("use_bias=True")
-    if getattr(op.activation, "__name__", "") != "linear":
-        problems.append(f"activation={op.activation.__name__!r}")
-    if tuple(op.dilation_rate) != (1, 1) or op.groups != 1:
-        problems.append(f"dilation_rate={op.dilation_rate}, groups={op.groups}")
-    if op.data_format != "channels_last":
-        problems.append(f"data_format={op.data_format!r}")
-    stride = tuple(op.strides)
-    if stride[0] != stride[1]:
-        problems.append(f"strides={stride}")
-    elif stride[0] == 1 or kernel == 1:
-        if kernel > 1 and op.padding != "same":
-            problems.append(f"padding={op.padding!r} at stride 1")
-    elif op.padding != "valid":
-        problems.append(
-            f"padding={op.padding!r} at stride {stride[0]} (TensorFlow pads "
-            f"asymmetrically; sb_keras.ResNet uses ZeroPadding2D({kernel // 2}) "
-            "then padding='valid')"
-        )
-    else:
-        pad_op, pad_inputs = _producer(x)
-        want = ((kernel // 2,) * 2,) * 2
-        if not isinstance(pad_op, keras.layers.ZeroPadding2D) or (
-            tuple(map(tuple, pad_op.padding)) != want
-        ):
-            problems.append(
-                f"padding='valid' at stride {stride[0]} without a "
-                f"ZeroPadding2D({kernel // 2}) before it (found {_name(pad_op)})"
-            )
-        else:
-            x = _single_input(pad_op, pad_inputs)
-    if problems:
-        raise _Mismatch(f"{where}: {_name(op)} has {', '.join(problems)}")
-    return op, x, stride[0]
-
-
-def _weight_free_function(start, end, where):
-    """``end`` as a sub-model of ``start`` without weights, or a mismatch."""
-    try:
-        sub = keras.Model(start, end)
-    except Exception as error:  # noqa: BLE001 (any graph that is not one)
-        raise _Mismatch(
-            f"{where}: not a function of its input alone ({error})"
-        ) from None
-    if sub.trainable_weights:
-        raise _Mismatch(
-            f"{where}: has trainable weights ({sub.trainable_weights[0].path})"
-        )
-    return sub
-
-
-def _same_function(sub, reference, shape, low=-1.0, high=1.0):
-    x = np.random.RandomState(0).uniform(low, high, (2, *shape)).astype("float32")
-    try:
-        got = np.asarray(sub(x, training=False))
-    except Exception:  # noqa: BLE001 (it does not even apply)
-        return False
-    want = np.asarray(reference(x))
-    return got.shape == want.shape and np.allclose(got, want, atol=1e-5, rtol=1e-5)
-
-
-def _spatial(tensor, default=8):
-    return tuple(default if d is None else d for d in tensor.shape[1:3])
-
-
 def _block(tensor):
     """One basic block ending at ``tensor``; None when it is not ReLU(Add)."""
-    op, inputs = _producer(tensor)
+    op, inputs = producer(tensor)
     if not isinstance(op, (keras.layers.ReLU, keras.layers.Activation)):
         return None
-    add, branches = _producer(inputs[0]) if len(inputs) == 1 else (None, [])
+    add, branches = producer(inputs[0]) if len(inputs) == 1 else (None, [])
     if not isinstance(add, keras.layers.Add):
         return None
-    _relu(tensor, f"after {_name(add)}")
+    match_relu(tensor, f"after {describe(add)}")
     if len(branches) != 2:
-        raise _Mismatch(f"{_name(add)} adds {len(branches)} tensors, not 2")
+        raise Mismatch(f"{describe(add)} adds {len(branches)} tensors, not 2")
     found = []
     for main in (0, 1):
         try:
             block = _main_branch(branches[main], add)
-        except _Mismatch as error:
+        except Mismatch as error:
             found.append(str(error))
             continue
         block["shortcut"] = _shortcut(branches[1 - main], block, add)
         return block
-    raise _Mismatch(
-        f"neither input of {_name(add)} is conv3x3-BN-ReLU-conv3x3-BN: "
+    raise Mismatch(
+        f"neither input of {describe(add)} is conv3x3-BN-ReLU-conv3x3-BN: "
         + "; ".join(found)
     )
 
 
 def _main_branch(tensor, add):
-    where = f"residual branch of {_name(add)}"
-    bn2, y = _bn(tensor, where)
-    conv2, y, stride2 = _conv(y, 3, where)
+    where = f"residual branch of {describe(add)}"
+    bn2, y = match_bn(tensor, where)
+    conv2, y, stride2 = match_conv(y, 3, where)
     if stride2 != 1:
-        raise _Mismatch(f"{where}: second conv {_name(conv2)} has stride {stride2}")
-    y = _relu(y, where)
-    bn1, y = _bn(y, where)
-    conv1, x, stride = _conv(y, 3, where)
+        raise Mismatch(f"{where}: second conv {describe(conv2)} has stride {stride2}")
+    y = match_relu(y, where)
+    bn1, y = match_bn(y, where)
+    conv1, x, stride = match_conv(y, 3, where)
     if conv1.filters != conv2.filters:
-        raise _Mismatch(
-            f"{where}: {_name(conv1)} has {conv1.filters} filters, "
-            f"{_name(conv2)} {conv2.filters} (not a basic block)"
+        raise Mismatch(
+            f"{where}: {describe(conv1)} has {conv1.filters} filters, "
+            f"{describe(conv2)} {conv2.filters} (not a basic block)"
         )
     return {
         "conv1": conv1,
@@ -228,26 +111,28 @@ def _main_branch(tensor, add):
 
 
 def _shortcut(tensor, block, add):
-    where = f"shortcut of {_name(add)}"
+    where = f"shortcut of {describe(add)}"
     x, stride, out = block["input"], block["stride"], block["out"]
     if tensor is x:
         if stride != 1 or block["in"] != out:
-            raise _Mismatch(f"{where}: identity, but the block changes the shape")
+            raise Mismatch(f"{where}: identity, but the block changes the shape")
         return ("identity",)
-    op, _ = _producer(tensor)
+    op, _ = producer(tensor)
     if isinstance(op, keras.layers.BatchNormalization):
-        bn, y = _bn(tensor, where)
-        conv, y, conv_stride = _conv(y, 1, where)
+        bn, y = match_bn(tensor, where)
+        conv, y, conv_stride = match_conv(y, 1, where)
         if y is not x or conv_stride != stride:
-            raise _Mismatch(
-                f"{where}: {_name(conv)} is not a 1x1/{stride} of the block input"
+            raise Mismatch(
+                f"{where}: {describe(conv)} is not a 1x1/{stride} of the block input"
             )
         return ("projection", conv, bn)
-    sub = _weight_free_function(x, tensor, where)
+    sub = weight_free_function(x, tensor, where)
     reference = ZeroPadShortcut(out, strides=stride)
-    if stride == 1 or not _same_function(sub, reference, (*_spatial(x), block["in"])):
-        raise _Mismatch(
-            f"{where}: {_name(op)} computes neither the identity, a 1x1 conv + BN "
+    if stride == 1 or not same_function(
+        sub, reference, (*spatial_size(x), block["in"])
+    ):
+        raise Mismatch(
+            f"{where}: {describe(op)} computes neither the identity, a 1x1 conv + BN "
             "nor the option-A (subsample, zero-pad channels) shortcut"
         )
     return ("zero_pad",)
@@ -255,32 +140,32 @@ def _shortcut(tensor, block, add):
 
 def _stem(tensor):
     """``(kind, conv, bn, input)`` of the stem that ends at ``tensor``."""
-    op, inputs = _producer(tensor)
+    op, inputs = producer(tensor)
     if isinstance(op, keras.layers.MaxPooling2D):
-        where = f"ImageNet stem at {_name(op)}"
+        where = f"ImageNet stem at {describe(op)}"
         if (
             tuple(op.pool_size) != (3, 3)
             or tuple(op.strides) != (2, 2)
             or op.padding != "valid"
         ):
-            raise _Mismatch(f"{where}: not a 3x3/2 max-pool with padding='valid'")
-        pad, pad_inputs = _producer(_single_input(op, inputs))
+            raise Mismatch(f"{where}: not a 3x3/2 max-pool with padding='valid'")
+        pad, pad_inputs = producer(single_input(op, inputs))
         if not isinstance(pad, keras.layers.ZeroPadding2D) or (
             tuple(map(tuple, pad.padding)) != ((1, 1), (1, 1))
         ):
-            raise _Mismatch(f"{where}: expected ZeroPadding2D(1) before it")
-        y = _relu(_single_input(pad, pad_inputs), where)
-        bn, y = _bn(y, where)
-        conv, x, stride = _conv(y, 7, where)
+            raise Mismatch(f"{where}: expected ZeroPadding2D(1) before it")
+        y = match_relu(single_input(pad, pad_inputs), where)
+        bn, y = match_bn(y, where)
+        conv, x, stride = match_conv(y, 7, where)
         if stride != 2:
-            raise _Mismatch(f"{where}: {_name(conv)} has stride {stride}, not 2")
+            raise Mismatch(f"{where}: {describe(conv)} has stride {stride}, not 2")
         return "imagenet", conv, bn, x
     where = "stem"
-    y = _relu(tensor, where)
-    bn, y = _bn(y, where)
-    conv, x, stride = _conv(y, 3, where)
+    y = match_relu(tensor, where)
+    bn, y = match_bn(y, where)
+    conv, x, stride = match_conv(y, 3, where)
     if stride != 1:
-        raise _Mismatch(f"{where}: {_name(conv)} has stride {stride}")
+        raise Mismatch(f"{where}: {describe(conv)} has stride {stride}")
     return "cifar", conv, bn, x
 
 
@@ -288,13 +173,13 @@ def _preprocessing(model, tensor):
     """The name of the normalization between the input and the stem, or None."""
     if tensor is model.inputs[0]:
         return None
-    sub = _weight_free_function(model.inputs[0], tensor, "before the stem conv")
-    shape = (*_spatial(model.inputs[0]), 3)
+    sub = weight_free_function(model.inputs[0], tensor, "before the stem conv")
+    shape = (*spatial_size(model.inputs[0]), 3)
     for name, (mean, std) in NORMALIZATIONS.items():
-        if _same_function(sub, PixelNormalization(mean, std), shape, 0.0, 255.0):
+        if same_function(sub, PixelNormalization(mean, std), shape, 0.0, 255.0):
             return name
-    layers = ", ".join(_name(op) for op in sub.operations[1:])
-    raise _Mismatch(
+    layers = ", ".join(describe(op) for op in sub.operations[1:])
+    raise Mismatch(
         f"the layers before the stem conv ({layers}) compute none of the "
         f"normalizations {sorted(NORMALIZATIONS)} of sb_keras"
     )
@@ -303,18 +188,18 @@ def _preprocessing(model, tensor):
 def _head(model):
     """``(dense or None, feature tensor)``."""
     out = model.outputs[0]
-    op, inputs = _producer(out)
+    op, inputs = producer(out)
     if not isinstance(op, keras.layers.Dense):
         return None, out
-    pool, pool_inputs = _producer(_single_input(op, inputs))
+    pool, pool_inputs = producer(single_input(op, inputs))
     if not isinstance(pool, keras.layers.GlobalAveragePooling2D) or (
         pool.keepdims or pool.data_format != "channels_last"
     ):
-        raise _Mismatch(
-            f"head: expected GlobalAveragePooling2D before {_name(op)}, "
-            f"found {_name(pool)}"
+        raise Mismatch(
+            f"head: expected GlobalAveragePooling2D before {describe(op)}, "
+            f"found {describe(pool)}"
         )
-    return op, _single_input(pool, pool_inputs)
+    return op, single_input(pool, pool_inputs)
 
 
 def _parse(model):
@@ -323,11 +208,11 @@ def _parse(model):
     except (AttributeError, ValueError):
         inputs = outputs = None
     if not isinstance(model, keras.Model) or not inputs or not outputs:
-        raise _Mismatch(f"a {type(model).__name__}, not a functional keras.Model")
+        raise Mismatch(f"a {type(model).__name__}, not a functional keras.Model")
     if len(model.inputs) != 1 or len(model.outputs) != 1:
-        raise _Mismatch(f"{len(model.inputs)} inputs and {len(model.outputs)} outputs")
+        raise Mismatch(f"{len(model.inputs)} inputs and {len(model.outputs)} outputs")
     if model.inputs[0].shape[-1] != 3 or len(model.inputs[0].shape) != 4:
-        raise _Mismatch(f"input shape {model.inputs[0].shape}, not (H, W, 3)")
+        raise Mismatch(f"input shape {model.inputs[0].shape}, not (H, W, 3)")
     dense, x = _head(model)
     blocks = []
     while True:
@@ -337,10 +222,10 @@ def _parse(model):
         blocks.insert(0, block)
         x = block["input"]
     if not blocks:
-        op, _ = _producer(x)
-        raise _Mismatch(
+        op, _ = producer(x)
+        raise Mismatch(
             f"no residual block (ReLU of an Add) before the head; "
-            f"the features come from {_name(op)}"
+            f"the features come from {describe(op)}"
         )
     stem, conv, bn, x = _stem(x)
     return {
@@ -357,8 +242,8 @@ def _stages(blocks):
         if not stages or block["stride"] != 1 or block["in"] != block["out"]:
             stages.append([])
         elif block["shortcut"][0] != "identity":
-            raise _Mismatch(
-                f"a {block['shortcut'][0]} shortcut at {_name(block['conv1'])} "
+            raise Mismatch(
+                f"a {block['shortcut'][0]} shortcut at {describe(block['conv1'])} "
                 "where the shape does not change"
             )
         stages[-1].append(block)
@@ -384,7 +269,7 @@ def _depth(parsed, stages):
             depth = {v[1]: k for k, v in IMAGENET_DEPTHS.items() if v[0] == "basic"}
             depth = depth.get(counts)
     if depth is None:
-        raise _Mismatch(
+        raise Mismatch(
             f"a basic-block ResNet with the {stem} stem ({stem_width} filters), "
             f"stage widths {widths}, blocks per stage {counts}, first strides "
             f"{strides} and first shortcuts {kinds}, which no sb_keras.ResNet has "
@@ -446,7 +331,7 @@ def plain_resnet(model):
         parsed = _parse(model)
         stages = _stages(parsed["blocks"])
         depth = _depth(parsed, stages)
-    except _Mismatch as found:
+    except Mismatch as found:
         raise ValueError(
             "`model` is not a recognized plain ResNet (an sb_keras.ResNet, or a "
             "functional Keras ResNet of the same layout: see "
@@ -457,6 +342,8 @@ def plain_resnet(model):
     activation = None
     if dense is not None:
         activation = keras.activations.serialize(dense.activation)
+        if not isinstance(activation, str):  # a custom callable
+            activation = dense.activation
         activation = None if activation == "linear" else activation
     stem, conv, bn = parsed["stem"]
     target = ResNet(
@@ -486,7 +373,7 @@ def plain_resnet(model):
 
 
 def _verify(model, target):
-    shape = (*_spatial(model.inputs[0], 32), 3)
+    shape = (*spatial_size(model.inputs[0], 32), 3)
     x = np.random.RandomState(1).uniform(0, 255, (2, *shape)).astype("float32")
     want = np.asarray(model(x, training=False), np.float64)
     got = np.asarray(target(x, training=False), np.float64)
