@@ -588,3 +588,26 @@ def test_cli_compress_bad_rank(tmp_path):
     argv = ["compress", source, str(tmp_path / "o.keras"), "--shared-rank", "200"]
     assert cli.main(argv) == 2
     assert not os.path.exists(tmp_path / "o.keras")
+
+
+@pytest.mark.slow  # a subprocess: ~20 s
+def test_cli_compress_keras_model(tmp_path):
+    source = _keras_resnet(blocks=(2, 2, 2))
+    path = str(tmp_path / "mine.keras")
+    source.save(path)
+    output = str(tmp_path / "shared.keras")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    argv = ["compress", path, output, "--shared-rank", "4", "--method", "plain"]
+    run = subprocess.run(
+        [*_cli_command(), *argv], capture_output=True, text=True, env=env, timeout=900
+    )
+    assert run.returncode == 0, run.stderr
+    assert f"{sb_keras.count_params(source):,} parameters" in run.stdout
+    restored = keras.models.load_model(output)
+    expected, _ = sb_keras.compress(source, 4, method="plain")
+    x = np.random.RandomState(11).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(
+        restored.predict(x, verbose=0), expected.predict(x, verbose=0), atol=1e-5
+    )
