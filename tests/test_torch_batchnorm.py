@@ -46,15 +46,17 @@ def _step(model, x, rng):
     model.train_on_batch(x, y)
 
 
-@pytest.mark.parametrize("batchnorm", ["pytorch", "keras"])
-def test_plain_batchnorm_training_step(batchnorm):
+@pytest.mark.parametrize("channels", [5, 8])  # moments path, fused kernel
+@pytest.mark.parametrize("batchnorm", ["pytorch", "keras", "fused"])
+def test_plain_batchnorm_training_step(batchnorm, channels):
     rng = np.random.default_rng(0)
     inputs = keras.Input((6, 6, 3))
-    conv = keras.layers.Conv2D(5, 3, padding="same", use_bias=False)
+    conv = keras.layers.Conv2D(channels, 3, padding="same", use_bias=False)
     h = conv(inputs)
     layer_class = {
         "pytorch": TorchBatchNormalization,
         "keras": keras.layers.BatchNormalization,
+        "fused": sb_keras.layers.FusedBatchNormalization,
     }[batchnorm]
     bn = layer_class(momentum=0.9, epsilon=EPS)
     y = keras.layers.GlobalAveragePooling2D()(bn(h))
