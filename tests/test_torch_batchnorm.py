@@ -131,7 +131,8 @@ def test_basis_conv_keras_default_keeps_the_biased_update():
     layer = BasisConv2D(8, unique_rank=3)
     x = rng.normal(size=(4, 6, 6, 4)).astype("float32")
     layer(x)
-    assert type(layer.bn) is keras.layers.BatchNormalization
+    assert isinstance(layer.bn, keras.layers.BatchNormalization)
+    assert not isinstance(layer.bn, TorchBatchNormalization)
     before = [
         (np.array(bn.moving_mean), np.array(bn.moving_variance))
         for bn in (layer.basis_bn, layer.bn)

@@ -480,14 +480,17 @@ def _batch_norm(bn, x, training, data_format="channels_last"):
 def _fused_training_bn(bn, x, offset, data_format="channels_last"):
     """Batch-statistics BN of ``x`` in float32: ``(y, mean, biased variance)``.
 
-    TF's fused kernel where it pays (`fused_batch_norm_applies`), else the
-    moments path. In float32 even under mixed precision, as Keras's BN.
+    TF's fused kernel where it pays (`fused_batch_norm_applies`): it takes a
+    mixed-precision ``x`` as it is and computes in float32 inside, ``y`` in
+    ``x``'s dtype. Else the moments path, in float32 as Keras's BN.
     """
-    x = ops.cast(x, "float32")
     gamma = ops.cast(bn.gamma, "float32")
     first = data_format == "channels_first"
-    if fused_batch_norm_applies(x, 1 if first else 3):
+    if fused_batch_norm_applies(x, 1 if first else 3) and (
+        keras.backend.standardize_dtype(x.dtype) != "float64"
+    ):
         return fused_batch_norm(x, gamma, offset, bn.epsilon, data_format)
+    x = ops.cast(x, "float32")
     mean, variance = ops.moments(x, axes=[0, 2, 3] if first else [0, 1, 2])
     scale = gamma * ops.rsqrt(variance + bn.epsilon)
     shift = offset - mean * scale
