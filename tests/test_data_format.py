@@ -293,3 +293,35 @@ def test_channels_last_only_families_refuse_channels_first(cls, channels_first):
     assert cls.resolve_config(data_format="channels_last")["data_format"] == (
         "channels_last"
     )
+
+
+COUNTED = {
+    "resnet20_shared": lambda **k: sb_keras.ResNet(20, share=True, **k),
+    "mobilenet_v2_shared": lambda **k: sb_keras.MobileNetV2(
+        share=True, variant="cifar", alpha=0.35, num_classes=10, **k
+    ),
+    "acdc_resnet8": lambda **k: sb_keras.ACDCResNet(
+        8, sharing="stage", num_atoms=4, **k
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(COUNTED))
+def test_macs_and_params_do_not_depend_on_the_data_format(name):
+    build = COUNTED[name]
+    last = build(data_format="channels_last")
+    first = build(data_format="channels_first")
+    assert sb_keras.count_macs(last) > 1e6
+    assert sb_keras.count_macs(first) == sb_keras.count_macs(last)
+    assert sb_keras.count_params(first) == sb_keras.count_params(last)
+
+
+def test_layer_macs_reads_the_layer_data_format():
+    """A Conv2D on a non-square NCHW map counts as on the NHWC one."""
+    from sb_keras.counting import layer_macs
+
+    last = keras.layers.Conv2D(6, 3, data_format="channels_last")
+    first = keras.layers.Conv2D(6, 3, data_format="channels_first")
+    macs = layer_macs(last, [(1, 9, 7, 4)], (1, 7, 5, 6))
+    assert macs == 7 * 5 * 3 * 3 * 4 * 6  # out positions x kernel x cin x cout
+    assert layer_macs(first, [(1, 4, 9, 7)], (1, 6, 7, 5)) == macs
