@@ -52,8 +52,27 @@ def _spatial(shape):
     return _prod([d for d in shape[1:-1]])
 
 
+def _channels_last(layer, shape):
+    """An image ``shape`` of ``layer`` in channels_last order.
+
+    A layer with ``data_format="channels_first"`` (Keras's convs, the
+    sb_keras conv layers) has ``(batch, channels, *spatial)`` shapes.
+    """
+    if getattr(layer, "data_format", None) == "channels_first" and len(shape) > 2:
+        return (shape[0], *shape[2:], shape[1])
+    return shape
+
+
 def layer_macs(layer, input_shapes, output_shape):
-    """Multiply-accumulates of one call of ``layer`` for one example."""
+    """Multiply-accumulates of one call of ``layer`` for one example.
+
+    Shapes are in the layer's ``data_format`` (channels_last or
+    channels_first); the count is the same in both.
+    """
+    input_shapes = list(input_shapes)
+    if input_shapes:
+        input_shapes[0] = _channels_last(layer, input_shapes[0])
+    output_shape = _channels_last(layer, output_shape)
     if isinstance(layer, BasisConv2D):
         out = _spatial(output_shape)
         kh, kw = layer.kernel_size

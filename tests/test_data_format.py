@@ -235,3 +235,93 @@ def test_qat_integer_path_matches_channels_last():
     got = np.round(np.asarray(qat(nchw(x), training=False)) / step)
     assert np.abs(expected).max() > 5
     np.testing.assert_array_equal(got, expected)
+
+
+SAVED = {
+    "resnet8_shared": lambda: sb_keras.ResNet(8, share=True),
+    "acdc_resnet8": lambda: sb_keras.ACDCResNet(8, sharing="stage", num_atoms=4),
+    "mobilenet_v2_shared": lambda: sb_keras.MobileNetV2(
+        share=True, variant="cifar", alpha=0.25, num_classes=10
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SAVED))
+def test_model_keeps_its_data_format_through_keras_file(name, tmp_path):
+    """Saved under channels_first, loaded under channels_last: still NCHW."""
+    previous = keras.config.image_data_format()
+    keras.config.set_image_data_format("channels_first")
+    try:
+        model = SAVED[name]()
+        path = str(tmp_path / "model.keras")
+        model.save(path)
+    finally:
+        keras.config.set_image_data_format(previous)
+    assert model.data_format == model.get_config()["data_format"] == "channels_first"
+    restored = keras.models.load_model(path)
+    assert keras.config.image_data_format() == "channels_last"
+    assert type(restored) is type(model)
+    assert restored.get_config() == model.get_config()
+    assert tuple(restored.input_shape) == (None, 3, 32, 32)
+    x = nchw(np.random.RandomState(0).uniform(0, 255, (2, 32, 32, 3)).astype("f4"))
+    expected = np.asarray(model(x, training=False))
+    assert np.abs(expected).max() > 1e-3
+    np.testing.assert_array_equal(np.asarray(restored(x, training=False)), expected)
+
+
+def test_data_format_argument_and_old_configs():
+    model = sb_keras.ResNet(8, data_format="Channels_First")
+    assert keras.config.image_data_format() == "channels_last"  # untouched
+    assert model.data_format == "channels_first"
+    assert tuple(model.input_shape) == (None, 3, 32, 32)
+    config = sb_keras.ResNet.resolve_config(8, data_format="channels_first")
+    assert config["input_shape"] == (3, 32, 32)
+    assert config == model.get_config()
+    # A config written before data_format was stored: the global format.
+    del config["data_format"], config["input_shape"]
+    assert sb_keras.ResNet.from_config(config).data_format == "channels_last"
+    with pytest.raises(ValueError, match="Received: data_format='NCHW'"):
+        sb_keras.ResNet(8, data_format="NCHW")
+
+
+@pytest.mark.parametrize("cls", [sb_keras.DenseNet, sb_keras.ResNeXt])
+def test_channels_last_only_families_refuse_channels_first(cls, channels_first):
+    """Their blocks are written for NHWC: a clear error, not a wrong model."""
+    for kwargs in ({}, {"data_format": "channels_first"}):
+        with pytest.raises(ValueError, match="Received: data_format='channels_first'"):
+            cls(**kwargs)
+    assert cls.resolve_config(data_format="channels_last")["data_format"] == (
+        "channels_last"
+    )
+
+
+COUNTED = {
+    "resnet20_shared": lambda **k: sb_keras.ResNet(20, share=True, **k),
+    "mobilenet_v2_shared": lambda **k: sb_keras.MobileNetV2(
+        share=True, variant="cifar", alpha=0.35, num_classes=10, **k
+    ),
+    "acdc_resnet8": lambda **k: sb_keras.ACDCResNet(
+        8, sharing="stage", num_atoms=4, **k
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(COUNTED))
+def test_macs_and_params_do_not_depend_on_the_data_format(name):
+    build = COUNTED[name]
+    last = build(data_format="channels_last")
+    first = build(data_format="channels_first")
+    assert sb_keras.count_macs(last) > 1e6
+    assert sb_keras.count_macs(first) == sb_keras.count_macs(last)
+    assert sb_keras.count_params(first) == sb_keras.count_params(last)
+
+
+def test_layer_macs_reads_the_layer_data_format():
+    """A Conv2D on a non-square NCHW map counts as on the NHWC one."""
+    from sb_keras.counting import layer_macs
+
+    last = keras.layers.Conv2D(6, 3, data_format="channels_last")
+    first = keras.layers.Conv2D(6, 3, data_format="channels_first")
+    macs = layer_macs(last, [(1, 9, 7, 4)], (1, 7, 5, 6))
+    assert macs == 7 * 5 * 3 * 3 * 4 * 6  # out positions x kernel x cin x cout
+    assert layer_macs(first, [(1, 4, 9, 7)], (1, 6, 7, 5)) == macs

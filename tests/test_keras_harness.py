@@ -23,6 +23,7 @@ from sb_keras.layers import ACDCCoefficients
 from sb_keras.layers import ACDCConv2D
 from sb_keras.layers import BasisConv2D
 from sb_keras.layers import FilterBasis
+from sb_keras.layers import FusedBatchNormalization
 from sb_keras.layers import PixelNormalization
 from sb_keras.layers import SharedConv2D
 from sb_keras.layers import TorchBatchNormalization
@@ -62,6 +63,8 @@ CASES = [
         (X, (3, 3, 4, 5)),
         (2, 6, 6, 8),
     ),
+    ("fused_batch_norm", FusedBatchNormalization, {}, X, X),
+    ("fused_batch_norm_first", FusedBatchNormalization, {"axis": 1}, X_FIRST, X_FIRST),
     ("torch_batch_norm", TorchBatchNormalization, {}, X, X),
     (
         "shared_conv",

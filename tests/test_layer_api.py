@@ -176,33 +176,39 @@ def _op_model():
 
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
 def test_qat_under_mixed_precision_matches_float32(policy):
-    """Fake quant trains and infers in float32 under a mixed policy.
+    """QAT of a mixed-precision model is float32 by default, and exact.
 
-    The integer inference path gives the float32 model's int8 codes on
-    every output under mixed_float16; bfloat16 (8 significant bits) cannot
-    carry every int8 value between layers, so codes may differ by one step.
+    Under a global mixed policy, `quantize_aware_model` builds float32
+    layers by default: the same int8 codes as the float32 model on every
+    output. With the mixed policy kept (``dtype=policy``) the layers run
+    fake quant in float32 and cast back: exact under mixed_float16;
+    bfloat16 (8 significant bits) cannot carry every int8 value between
+    layers, so codes may differ by one step.
     """
     rng = np.random.RandomState(0)
     x = rng.normal(0.3, 1.0, (64, 6, 6, 8)).astype("float32")
     previous = keras.config.dtype_policy()
     outputs = {}
     try:
-        for name in ("float32", policy):
-            keras.config.set_dtype_policy(name)
-            model = _op_model()
-            if name == "float32":
-                weights = [rng.normal(0, 0.3, w.shape) for w in model.weights]
-            model.set_weights(weights)
-            qat = export.quantize_aware_model(model)
-            if name == "float32":
-                for i in range(0, 64, 8):
-                    qat(x[i : i + 8], training=True)
-                ranges, step = qat.get_weights(), export.qat.output_quant_step(qat)
-            else:
-                assert qat.layers[-1].dtype_policy.name == policy
-                qat.set_weights(ranges)
-            outputs[name] = np.asarray(qat(x, training=False)).astype("float32")
-        y = qat(x[:8], training=True)  # the fake-quant training graph runs
+        keras.config.set_dtype_policy("float32")
+        model = _op_model()
+        model.set_weights([rng.normal(0, 0.3, w.shape) for w in model.weights])
+        qat = export.quantize_aware_model(model)
+        for i in range(0, 64, 8):
+            qat(x[i : i + 8], training=True)
+        ranges, step = qat.get_weights(), export.qat.output_quant_step(qat)
+        outputs["float32"] = np.asarray(qat(x, training=False))
+        keras.config.set_dtype_policy(policy)
+        mixed = _op_model()
+        assert mixed.layers[-1].dtype_policy.name == policy
+        mixed.set_weights(model.get_weights())
+        for key, dtype in (("default", None), ("kept", policy)):
+            qat = export.quantize_aware_model(mixed, dtype=dtype)
+            expected = dtype or "float32"
+            assert {layer.dtype_policy.name for layer in qat.layers} == {expected}
+            qat.set_weights(ranges)
+            outputs[key] = np.asarray(qat(x, training=False)).astype("float32")
+        y = qat(x[:8], training=True)  # the mixed fake-quant training graph runs
         assert keras.backend.standardize_dtype(y.dtype) == policy.split("_")[1]
         assert all(w.dtype == "float32" for w in qat.weights)
     finally:
@@ -210,8 +216,15 @@ def test_qat_under_mixed_precision_matches_float32(policy):
     # The outputs are int8 values (q - z) * step: compare their codes.
     codes = {k: np.round(v / step) for k, v in outputs.items()}
     assert np.abs(codes["float32"]).max() > 10
-    diff = np.abs(codes[policy] - codes["float32"])
+    np.testing.assert_array_equal(outputs["default"], outputs["float32"])
+    diff = np.abs(codes["kept"] - codes["float32"])
     if policy == "mixed_float16":
         assert diff.max() == 0
     else:
         assert diff.max() <= 1 and np.mean(diff == 0) >= 0.95
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int8_from_float32", 3, "nope"])
+def test_qat_dtype_must_be_a_float_policy(dtype):
+    with pytest.raises(ValueError, match="Received: dtype="):
+        export.quantize_aware_model(_op_model(), dtype=dtype)

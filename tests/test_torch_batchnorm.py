@@ -46,15 +46,17 @@ def _step(model, x, rng):
     model.train_on_batch(x, y)
 
 
-@pytest.mark.parametrize("batchnorm", ["pytorch", "keras"])
-def test_plain_batchnorm_training_step(batchnorm):
+@pytest.mark.parametrize("channels", [5, 8])  # moments path, fused kernel
+@pytest.mark.parametrize("batchnorm", ["pytorch", "keras", "fused"])
+def test_plain_batchnorm_training_step(batchnorm, channels):
     rng = np.random.default_rng(0)
     inputs = keras.Input((6, 6, 3))
-    conv = keras.layers.Conv2D(5, 3, padding="same", use_bias=False)
+    conv = keras.layers.Conv2D(channels, 3, padding="same", use_bias=False)
     h = conv(inputs)
     layer_class = {
         "pytorch": TorchBatchNormalization,
         "keras": keras.layers.BatchNormalization,
+        "fused": sb_keras.layers.FusedBatchNormalization,
     }[batchnorm]
     bn = layer_class(momentum=0.9, epsilon=EPS)
     y = keras.layers.GlobalAveragePooling2D()(bn(h))
@@ -129,7 +131,8 @@ def test_basis_conv_keras_default_keeps_the_biased_update():
     layer = BasisConv2D(8, unique_rank=3)
     x = rng.normal(size=(4, 6, 6, 4)).astype("float32")
     layer(x)
-    assert type(layer.bn) is keras.layers.BatchNormalization
+    assert isinstance(layer.bn, keras.layers.BatchNormalization)
+    assert not isinstance(layer.bn, TorchBatchNormalization)
     before = [
         (np.array(bn.moving_mean), np.array(bn.moving_variance))
         for bn in (layer.basis_bn, layer.bn)

@@ -4,6 +4,7 @@ import numpy as np
 
 from sb_keras.compression import keras_resnet
 from sb_keras.compression import svd
+from sb_keras.compression.rebalance import rebalance
 from sb_keras.layers import BasisConv2D
 from sb_keras.layers import FilterBasis
 from sb_keras.models.resnet.resnet import IMAGENET_DEPTHS
@@ -180,6 +181,11 @@ def compress(
     * its coefficients are ``A_l``;
     * its output BN is a copy of the source layer's BN.
 
+    Last, each layer's coefficient columns are brought to He-initialization
+    norms and the factor moved into its output BN (`rebalance`: the same
+    inference function, up to float rounding), so that SGD fine-tunes the
+    model at a usual learning rate.
+
     The stem, the first block of each stage, the shortcuts and the
     classifier are copied unchanged.
 
@@ -308,6 +314,7 @@ def compress(
         )
     report["params_before"] = count_params(model)
     report["params_after"] = count_params(target)
+    rebalance(target)  # fine-tunable scales, same function
     return target, report
 
 
@@ -337,7 +344,10 @@ def unshare(model):
     composed ``basis x (basis BN scale) x coefficients`` and a BN that is
     the layer's output BN with the composed bias ``t_b @ A`` absorbed into
     its moving mean; every other layer is copied. Exact in inference mode
-    (up to float32 rounding of the composed kernel).
+    (up to float32 rounding of the composed kernel). The composed kernels are
+    then brought to He-initialization norms with the factor moved into their
+    BNs (`sb_keras.compression.rebalance`), so that SGD can fine-tune the
+    result at a usual learning rate.
 
     Args:
         model: a basic-block `sb_keras.ResNet` with ``share=True``.
@@ -353,6 +363,7 @@ def unshare(model):
         )
     target = ResNet(**model.baseline_config())
     _copy_unshared_into_plain(model, target)
+    rebalance(target)  # folded kernels are tiny: give them trainable scales
     return target
 
 

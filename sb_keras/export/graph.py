@@ -86,17 +86,25 @@ def is_keras_builtin(layer):
     return type(layer).__module__.startswith("keras.")
 
 
-def copy_layer(layer, name=None):
-    """A new, unbuilt layer with the same config (weights set by caller)."""
+def copy_layer(layer, name=None, dtype=None):
+    """A new, unbuilt layer with the same config (weights set by caller).
+
+    ``dtype`` (a dtype policy), when given, replaces the layer's own.
+    """
     config = layer.get_config()
     if name is not None:
         config["name"] = name
+    if dtype is not None:
+        config["dtype"] = dtype
     return type(layer).from_config(config)
 
 
-def call_copy(layer, args, kwargs):
-    """Calls a fresh copy of ``layer`` and gives it ``layer``'s weights."""
-    new = copy_layer(layer)
+def call_copy(layer, args, kwargs, dtype=None):
+    """Calls a fresh copy of ``layer`` and gives it ``layer``'s weights.
+
+    ``dtype`` (a dtype policy), when given, replaces the layer's own.
+    """
+    new = copy_layer(layer, dtype=dtype)
     kwargs = {k: v for k, v in kwargs.items() if k != "training"}
     out = new(*args, **kwargs)
     if layer.weights:

@@ -22,7 +22,9 @@ to the layer's compute dtype. The int8 values between layers then pass
 through that dtype: float16 holds every ``(q - z) * s`` closely enough to
 keep its code (error below 0.13 of a step), bfloat16 (8 significant bits)
 not always (up to half a step for the largest codes), so the integer path
-is exact under float32 and ``mixed_float16`` policies only.
+is exact under float32 and ``mixed_float16`` policies only. That is why
+`quantize_aware_model` builds its layers in float32 by default whatever the
+policy of the source model (its ``dtype`` argument keeps a mixed one).
 """
 
 import contextlib

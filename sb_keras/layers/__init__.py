@@ -3,6 +3,7 @@
 from sb_keras.layers.acdc_coefficients import ACDCCoefficients
 from sb_keras.layers.acdc_conv import ACDCConv2D
 from sb_keras.layers.basis_conv import BasisConv2D
+from sb_keras.layers.batch_norm import FusedBatchNormalization
 from sb_keras.layers.batch_norm import TorchBatchNormalization
 from sb_keras.layers.filter_basis import FilterBasis
 from sb_keras.layers.grouped_basis_conv import GroupedBasisConv2D
@@ -19,5 +20,6 @@ __all__ = [
     "ZeroPadShortcut",
     "ACDCCoefficients",
     "ACDCConv2D",
+    "FusedBatchNormalization",
     "TorchBatchNormalization",
 ]

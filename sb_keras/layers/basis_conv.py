@@ -9,6 +9,8 @@ from sb_keras.api_export import sb_export
 from sb_keras.layers import initializers as sb_init
 from sb_keras.layers.batch_norm import batch_normalization
 from sb_keras.layers.batch_norm import check_batchnorm
+from sb_keras.layers.batch_norm import fused_batch_norm
+from sb_keras.layers.batch_norm import fused_batch_norm_applies
 from sb_keras.layers.batch_norm import update_moving_statistics
 from sb_keras.layers.common import channel_axis
 from sb_keras.layers.common import check_int_tuple
@@ -478,34 +480,17 @@ def _batch_norm(bn, x, training, data_format="channels_last"):
 def _fused_training_bn(bn, x, offset, data_format="channels_last"):
     """Batch-statistics BN of ``x`` in float32: ``(y, mean, biased variance)``.
 
-    Keras's BatchNormalization computes moments and normalization as
-    separate element-wise ops (several passes over the activations, forward
-    and backward); ``tf.nn.fused_batch_norm`` does it in one pass and is
-    2-3x faster on CPU, but only when the channel count is a multiple of 4
-    (17 channels: 10x slower than 16, measured by
-    ``bench/profile_block.py``). Other channel counts and backends take the
-    moments path. In float32 even under mixed precision, as Keras's BN.
+    TF's fused kernel where it pays (`fused_batch_norm_applies`): it takes a
+    mixed-precision ``x`` as it is and computes in float32 inside, ``y`` in
+    ``x``'s dtype. Else the moments path, in float32 as Keras's BN.
     """
-    x = ops.cast(x, "float32")
     gamma = ops.cast(bn.gamma, "float32")
     first = data_format == "channels_first"
-    channels = x.shape[1 if first else -1]
-    if keras.backend.backend() == "tensorflow" and channels and channels % 4 == 0:
-        import tensorflow as tf
-
-        y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
-            x,
-            gamma,
-            offset,
-            epsilon=bn.epsilon,
-            is_training=True,
-            data_format="NCHW" if first else "NHWC",
-        )[:3]
-        # The fused op returns the unbiased variance; Keras averages the
-        # biased one.
-        n = ops.cast(ops.size(x) // channels, "float32")
-        variance = variance * (n - 1.0) / ops.maximum(n, 1.0)
-        return y, mean, variance
+    if fused_batch_norm_applies(x, 1 if first else 3) and (
+        keras.backend.standardize_dtype(x.dtype) != "float64"
+    ):
+        return fused_batch_norm(x, gamma, offset, bn.epsilon, data_format)
+    x = ops.cast(x, "float32")
     mean, variance = ops.moments(x, axes=[0, 2, 3] if first else [0, 1, 2])
     scale = gamma * ops.rsqrt(variance + bn.epsilon)
     shift = offset - mean * scale

@@ -8,12 +8,14 @@ constructor arguments and fill in the defaults, without building),
 ``super().__init__(locals(), **kwargs)``. This class owns the rest:
 
 * the config: the resolved constructor arguments plus ``name``,
-  ``trainable`` and the dtype policy (``"dtype"``), so ``.keras`` files and
-  ``from_config`` rebuild the same model under the same policy
-  (``mixed_bfloat16`` stays ``mixed_bfloat16`` whatever the global policy
-  of the loading process);
+  ``trainable``, the dtype policy (``"dtype"``) and the image data format
+  (``"data_format"``), so ``.keras`` files and ``from_config`` rebuild the
+  same model under the same policy and in the same format
+  (``mixed_bfloat16`` stays ``mixed_bfloat16``, ``channels_first`` stays
+  ``channels_first``, whatever the global settings of the loading process);
 * argument checking before anything is built: unknown keyword arguments,
-  the name and the dtype policy (the family's ``_resolve`` checks its own);
+  the name, the dtype policy and the data format (the family's ``_resolve``
+  checks its own);
   `resolve_config` runs the same checks without building;
 * `from_preset` / `save_to_preset` (`sb_keras.presets`);
 * `export`: ``format="litert"`` goes through `sb_keras.export`, which keeps
@@ -33,6 +35,7 @@ _MODEL_KWARGS = ("trainable",)
 # has an ``input_shape`` property of its own).
 _ATTRIBUTE_NAMES = {"input_shape": "image_shape"}
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+_DATA_FORMATS = ("channels_last", "channels_first")
 # LiteRT options of `export`, with their defaults (see `sb_keras.export`).
 _LITERT_OPTIONS = {
     "layout": "decomposed",
@@ -65,6 +68,49 @@ def check_dtype(dtype):
             f"`model.quantize`). {checks.received('dtype', dtype)}"
         )
     return policy
+
+
+def check_data_format(data_format, supported=_DATA_FORMATS, owner="The model"):
+    """``"channels_last"``/``"channels_first"`` (None: the global format).
+
+    Args:
+        data_format: the argument.
+        supported: the formats ``owner`` is written for.
+        owner: who says so in the error message.
+    """
+    value = data_format
+    if data_format is None:
+        value = keras.config.image_data_format()
+    elif isinstance(data_format, str):
+        value = data_format.lower()
+    if value not in _DATA_FORMATS:
+        raise ValueError(
+            f"`data_format` must be None or one of {_DATA_FORMATS}. "
+            f"{checks.received('data_format', data_format)}"
+        )
+    if value not in supported:
+        raise ValueError(
+            f"{owner} supports data_format {' or '.join(map(repr, supported))} "
+            "only (None takes keras.config.image_data_format()). "
+            f"{checks.received('data_format', value)}"
+        )
+    return value
+
+
+@contextlib.contextmanager
+def data_format_scope(data_format):
+    """Makes ``data_format`` the global image data format while building.
+
+    The family builders and the layers they create read
+    ``keras.config.image_data_format()`` (Keras's process-wide setting); the
+    layers keep the format they were built with.
+    """
+    previous = keras.config.image_data_format()
+    keras.config.set_image_data_format(data_format)
+    try:
+        yield
+    finally:
+        keras.config.set_image_data_format(previous)
 
 
 @contextlib.contextmanager
@@ -101,12 +147,17 @@ class Backbone(keras.Model):
     resolved values; keys missing from it keep the value given),
     ``_build_graph(spec) -> (inputs, outputs)`` and ``_default_name(spec)``,
     all class methods, and an ``__init__`` whose explicit parameters are the
-    constructor arguments (plus ``name`` and ``dtype``) and which ends in
+    constructor arguments (plus ``name``, ``dtype`` and ``data_format``)
+    and which ends in
     ``super().__init__(locals(), **kwargs)``.
 
     Every resolved argument is also an attribute of the model (``depth``,
-    ``share``, ...; ``input_shape`` is ``image_shape``).
+    ``share``, ...; ``input_shape`` is ``image_shape``). A family whose
+    blocks are written for one layout narrows ``data_formats``.
     """
+
+    # The image data formats the family's graph is written for.
+    data_formats = _DATA_FORMATS
 
     def __init__(self, arguments, **kwargs):
         arguments = {
@@ -115,7 +166,8 @@ class Backbone(keras.Model):
             if k not in ("self", "kwargs", "__class__")
         }
         prepared = self._prepare(arguments, kwargs)
-        with policy_scope(prepared["policy"]):
+        data_format = prepared["data_format"]
+        with policy_scope(prepared["policy"]), data_format_scope(data_format):
             inputs, outputs = self._build_graph(prepared["spec"])
         super().__init__(
             inputs=inputs,
@@ -126,6 +178,7 @@ class Backbone(keras.Model):
         # Functional models ignore ``dtype``; the policy the layers were
         # built under is the model's (as keras-hub's Backbone).
         self.dtype_policy = prepared["policy"]
+        self.data_format = data_format
         config = prepared["config"]
         object.__setattr__(self, "_sb_arguments", config)
         for key, value in config.items():
@@ -154,13 +207,18 @@ class Backbone(keras.Model):
                 f"{checks.received('name', name)}"
             )
         policy = check_dtype(arguments.pop("dtype", None))
-        resolved = cls._resolve(**arguments)
+        data_format = check_data_format(
+            arguments.pop("data_format", None), cls.data_formats, cls.__name__
+        )
+        with data_format_scope(data_format):  # ``input_shape`` is in it
+            resolved = cls._resolve(**arguments)
         spec = {**arguments, **resolved}
         return {
             "spec": spec,
             "config": {k: spec[k] for k in arguments},
             "name": name or cls._default_name(spec),
             "policy": policy,
+            "data_format": data_format,
             "model_kwargs": model_kwargs,
         }
 
@@ -191,6 +249,7 @@ class Backbone(keras.Model):
             "name": prepared["name"],
             "trainable": prepared["model_kwargs"].get("trainable", True),
             "dtype": prepared["policy"].name,
+            "data_format": prepared["data_format"],
         }
 
     # -- hooks of the families -------------------------------------------
@@ -217,6 +276,7 @@ class Backbone(keras.Model):
             "name": self.name,
             "trainable": self.trainable,
             "dtype": self.dtype_policy.name,
+            "data_format": self.data_format,
         }
 
     @classmethod

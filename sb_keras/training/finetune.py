@@ -114,7 +114,9 @@ def quantize_aware(model):
 
     BatchNorm is folded into the convolutions first
     (`sb_keras.export.fold_model`); the activation ranges start at the first
-    training batch (`sb_keras.export.FakeQuant`).
+    training batch (`sb_keras.export.FakeQuant`). The twin is float32 even
+    for a ``mixed_bfloat16`` file, so that it stays the exact simulation of
+    its int8 file.
     """
     from sb_keras import export
     from sb_keras.export.tflite import has_fake_quant

@@ -82,6 +82,8 @@ class ACDCResNet(Backbone):
         name: model name.
         dtype: the dtype policy of the layers (None: the global policy);
             kept in the config.
+        data_format: `"channels_last"` or `"channels_first"` (None: the
+            global ``keras.config.image_data_format()``); kept in the config.
 
     Example:
 
@@ -116,6 +118,7 @@ class ACDCResNet(Backbone):
         coefficient_initializer=None,
         name=None,
         dtype=None,
+        data_format=None,
         **kwargs,
     ):
         super().__init__(locals(), **kwargs)

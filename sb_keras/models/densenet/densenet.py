@@ -64,6 +64,10 @@ class DenseNet(Backbone):
         orthogonality: lambda of the penalty. Defaults to `10`.
         name: model name.
         dtype: dtype policy of the layers (None: the global one).
+        data_format: `"channels_last"` only, the layout the blocks are
+            written for (None: the global
+            ``keras.config.image_data_format()``, which must then be it);
+            kept in the config. Other formats raise a ``ValueError``.
 
     Example:
 
@@ -73,6 +77,9 @@ class DenseNet(Backbone):
     ...     sb_keras.DenseNet(blocks=(2, 2), growth_rate=8))
     True
     """
+
+    # Its blocks concatenate / group on the last axis.
+    data_formats = ("channels_last",)
 
     def __init__(
         self,
@@ -91,6 +98,7 @@ class DenseNet(Backbone):
         orthogonality=10.0,
         name=None,
         dtype=None,
+        data_format=None,
         **kwargs,
     ):
         super().__init__(locals(), **kwargs)

@@ -80,6 +80,8 @@ class MobileNetV2(Backbone):
         name: model name.
         dtype: the dtype policy of the layers (None: the global policy);
             kept in the config.
+        data_format: `"channels_last"` or `"channels_first"` (None: the
+            global ``keras.config.image_data_format()``); kept in the config.
 
     Example:
 
@@ -108,6 +110,7 @@ class MobileNetV2(Backbone):
         orthogonality=10.0,
         name=None,
         dtype=None,
+        data_format=None,
         **kwargs,
     ):
         super().__init__(locals(), **kwargs)

@@ -109,6 +109,10 @@ class ResNet(Backbone):
         dtype: the dtype policy the layers are built under (e.g.
             `"mixed_bfloat16"`); None (default) takes the global policy. It
             is part of the config, so a saved model loads under its policy.
+        data_format: `"channels_last"` or `"channels_first"`, the layout of
+            the layers and of ``input_shape``; None (default) takes
+            ``keras.config.image_data_format()``. It is part of the config,
+            so a saved model loads in its format.
 
     Example:
 
@@ -142,6 +146,7 @@ class ResNet(Backbone):
         batchnorm="keras",
         name=None,
         dtype=None,
+        data_format=None,
         **kwargs,
     ):
         super().__init__(locals(), **kwargs)

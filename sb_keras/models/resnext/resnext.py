@@ -60,6 +60,10 @@ class ResNeXt(Backbone):
         orthogonality: lambda of the penalty. Defaults to `10`.
         name: model name.
         dtype: dtype policy of the layers (None: the global one).
+        data_format: `"channels_last"` only, the layout the blocks are
+            written for (None: the global
+            ``keras.config.image_data_format()``, which must then be it);
+            kept in the config. Other formats raise a ``ValueError``.
 
     Example:
 
@@ -67,6 +71,9 @@ class ResNeXt(Backbone):
     >>> sb_keras.ResNeXt.resolve_config(share=True)["unique_rank"]
     4
     """
+
+    # Its blocks concatenate / group on the last axis.
+    data_formats = ("channels_last",)
 
     def __init__(
         self,
@@ -86,6 +93,7 @@ class ResNeXt(Backbone):
         orthogonality=10.0,
         name=None,
         dtype=None,
+        data_format=None,
         **kwargs,
     ):
         super().__init__(locals(), **kwargs)

@@ -1,0 +1,175 @@
+"""Compress the folded authors' ResNet56, fine-tune one epoch, compare.
+
+Issue 14's rank-reduction table, measured in one run on this machine:
+
+1. The authors' ResNet56-S16U1 (``../shared/pretrained/net_rl2``) is folded
+   into its plain ResNet-56 (`sb_keras.unshare`, 853,018 parameters).
+2. Each configuration is compressed with `sb_keras.compress` (whitened with
+   exact training images) and saved as ``.keras``.
+3. Each is fine-tuned by the command a user types, in its own process:
+   ``sb-keras train --init-from compressed.keras --epochs 1 --schedule cosine
+   --lr LR`` (the training recipe: SGD momentum 0.9, weight decay 5e-4,
+   orthogonality penalty on, the standard CIFAR augmentation) on the 50,000
+   JPEG training images.
+4. Top-1 before and after, on the 1000 exact test images and on the 10,000
+   JPEG test images; beside them the plain model itself fine-tuned the same
+   way (a control: what one epoch of the recipe does to an uncompressed
+   model on the JPEG copy).
+
+Usage (from the repo root, the data beside it in ../shared)::
+
+    PYTHONPATH=. python bench/compress_finetune.py [--configs 8,1,double 4,1,double]
+        [--lr 0.01] [--limit 50000] [--out bench/results/compress_finetune]
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+SHARED = os.path.relpath(os.path.join(ROOT, "..", "shared"))
+DATA = os.path.join(SHARED, "datasets", "cifar10")
+
+import sb_keras  # noqa: E402
+from sb_keras import io_utils  # noqa: E402
+
+
+def top1(model, x, y):
+    logits = model.predict(x, batch_size=500, verbose=0)
+    return float(np.mean(logits.argmax(1) == y))
+
+
+def sb_keras_command():
+    script = os.path.join(os.path.dirname(sys.executable), "sb-keras")
+    return [script] if os.path.exists(script) else [sys.executable, "-m", "sb_keras"]
+
+
+def fine_tune(path, out, lr, limit, batch_size):
+    cmd = sb_keras_command() + [
+        "train",
+        "--init-from",
+        path,
+        "--data-dir",
+        DATA,
+        "--epochs",
+        "1",
+        "--schedule",
+        "cosine",
+        "--lr",
+        str(lr),
+        "--batch-size",
+        str(batch_size),
+        "--limit",
+        str(limit),
+        "--test-limit",
+        "1000",
+        "--output",
+        out,
+        "--verbose",
+        "2",
+        "--no-tensorboard",
+    ]
+    t0 = time.time()
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    subprocess.run(cmd, check=True, env=env)
+    return os.path.join(out, "model.keras"), time.time() - t0
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--configs",
+        nargs="+",
+        default=["8,1,double", "4,1,double", "plain", "8,1,single"],
+    )
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--limit", type=int, default=50000, help="training images")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--calibration", type=int, default=512)
+    p.add_argument(
+        "--out", default=os.path.join("bench", "results", "compress_finetune")
+    )
+    args = p.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+
+    with np.load(os.path.join(DATA, "lossless_subset.npz")) as f:
+        x_exact, y_exact = f["x_test"].astype("float32"), f["y_test"]
+        calib = f["x_train"][: args.calibration].astype("float32")
+    with np.load(os.path.join(DATA, "test.npz")) as f:
+        x_jpeg, y_jpeg = f["x"].astype("float32"), f["y"].astype("int64")
+    checkpoint = os.path.join(
+        SHARED, "pretrained", "net_rl2", "CIFAR10_ResNet56_S16U1_7.46err.pth.pth"
+    )
+    plain = sb_keras.unshare(sb_keras.load_authors_checkpoint(checkpoint))
+    rows = []
+    for config in args.configs:
+        t0 = time.time()
+        if config == "plain":
+            model, label, sharing = plain, "plain ResNet-56 (control)", "-"
+            report = {"params_after": sb_keras.count_params(plain)}
+        else:
+            s, u, sharing = config.split(",")
+            model, report = sb_keras.compress(
+                plain,
+                int(s),
+                int(u),
+                sharing=sharing,
+                calibration_data=calib,
+                method="whitened",
+            )
+            label = f"S{s}U{u}"
+        compress_s = time.time() - t0
+        path = os.path.join(args.out, f"{config.replace(',', '_')}.keras")
+        model.save(path)
+        before = (top1(model, x_exact, y_exact), top1(model, x_jpeg, y_jpeg))
+        run_dir = os.path.join(args.out, f"run_{config.replace(',', '_')}")
+        tuned_path, tune_s = fine_tune(
+            path, run_dir, args.lr, args.limit, args.batch_size
+        )
+        tuned = keras.models.load_model(tuned_path)
+        after = (top1(tuned, x_exact, y_exact), top1(tuned, x_jpeg, y_jpeg))
+        row = dict(
+            config=label,
+            sharing=sharing,
+            params=report["params_after"],
+            exact_before=before[0],
+            jpeg_before=before[1],
+            exact_after=after[0],
+            jpeg_after=after[1],
+            compress_s=round(compress_s),
+            finetune_s=round(tune_s),
+        )
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        io_utils.write_bytes(
+            os.path.join(args.out, "results.json"), json.dumps(rows, indent=1)
+        )
+    print(
+        f"\nfine-tune: 1 epoch of {args.limit} JPEG training images, lr {args.lr} "
+        f"cosine, batch {args.batch_size}; plain = folded authors' ResNet56-S16U1"
+    )
+    print(
+        "| model | sharing | params | exact 1000 before | after | JPEG 10k before "
+        "| after | fine-tune s |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['config']} | {r['sharing']} | {r['params']:,} | "
+            f"{100 * r['exact_before']:.1f}% | {100 * r['exact_after']:.1f}% | "
+            f"{100 * r['jpeg_before']:.1f}% | {100 * r['jpeg_after']:.1f}% | "
+            f"{r['finetune_s']} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
