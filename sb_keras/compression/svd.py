@@ -38,9 +38,10 @@ the exact solutions are not isolated and it is slower.
 
 Stopping: a stall (``patience`` iterations lowering ``f`` by less than
 ``tol`` times its value) is a minimum, the round-off floor of the data, or a
-plateau. On the folded ResNet32 compressed back (exact), stage 3 conv1 (64
-filters per layer, S64U4) stalls for about 60 iterations at a relative error
-of 4.18e-4 with a gradient 2.8e-5 times ``sqrt(f * sum ||W_l||^2)`` (1e-1 at
+plateau. On the authors' ResNet32 folded without rebalancing (float32
+``basis x scale x coefficients``, exact at S16U1), stage 3 conv1 (64 filters
+per layer, S64U4) stalls for about 60 iterations at a relative error of
+4.18e-4 with a gradient 2.8e-5 times ``sqrt(f * sum ||W_l||^2)`` (1e-1 at
 the start): a near-stationary point, so no rule on the gradient or on a
 short window of ``f`` tells it from a minimum. Hence: a stall at a relative
 error between ``floor`` (1e-6, far above the float32 rounding of a kernel,
@@ -52,11 +53,12 @@ basis seen is returned. Measured on that group: the restart leaves the
 plateau for each of 5 seeds (relative error 1.6e-7 to 2.0e-6 at the
 500-iteration cap; with steps of 1e-3 or 1e-2 it fell back onto the plateau,
 with 0.1 in 2 of 4 seeds), and the whole model round-trips to 2.7e-5 in the
-logits (4.2e-4 relative error and 2.7e-2 in the logits without restarts).
-Stalls of lossy approximations are not restarted: there, restarts never
-lowered the error in the cases tried (the folded ResNet56 at S8U1 and S4U1,
-the ResNet32 at S8U1, plain; a random ResNet-20 at S4U1, whitened) and cost
-2-4x the iterations.
+logits (4.2e-4 relative error and 2.7e-2 in the logits without restarts; the
+rebalanced kernels of `sb_keras.unshare` do not stall there). Stalls of
+lossy approximations are not restarted: there, restarts never lowered the
+error in the cases tried (the folded ResNet56 at S8U1 and S4U1, the ResNet32
+at S8U1, plain; a random ResNet-20 at S4U1, whitened) and cost 2-4x the
+iterations.
 """
 
 import numpy as np
