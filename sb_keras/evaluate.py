@@ -114,25 +114,13 @@ def _check_npy_path(path):
 
 
 def save_logits(path, logits):
-    """Writes ``logits`` as a float32 ``.npy`` file, atomically (0644)."""
-    import tempfile
+    """Writes ``logits`` as a float32 ``.npy`` file, atomically."""
+    from sb_keras import io_utils
 
     path = _check_npy_path(path)
-    folder = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(suffix=".npy.part", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    with io_utils.atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
             np.save(f, np.asarray(logits, np.float32))
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def evaluate(

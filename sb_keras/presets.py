@@ -28,7 +28,6 @@ import datetime
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 
 AUTHORS_REPOSITORY = "ssregibility/Net_RL2"
@@ -282,19 +281,10 @@ def _is_subclass(class_name, expected):
 
 def _write_atomic(path, write):
     """Writes ``path`` via ``write(tmp)`` on a temporary file in its folder."""
-    folder = os.path.dirname(os.path.abspath(path))
-    suffix = ".weights.h5" if path.endswith(".weights.h5") else ".part"
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
-    os.close(fd)
-    try:
+    from sb_keras import io_utils
+
+    with io_utils.atomic_path(path) as tmp:
         write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _write_json(path, obj):

@@ -242,3 +242,86 @@ def test_authors_checkpoint_convert_finetune_qat(data_dir, tmp_path):
     _assert_every_file_loads(
         glob.glob(os.path.join(tmp, "**", "*.keras"), recursive=True)
     )
+
+
+@pytest.mark.slow
+def test_train_plain_compress_finetune(data_dir, tmp_path):
+    """train plain -> compress (exact ranks, then small ranks) -> fine-tune.
+
+    At ranks that hold every filter (single sharing: S = 2 layers x filters
+    per stage, u = 0) the compressed file's logits equal the plain file's;
+    at small ranks it fine-tunes with ``--init-from`` into a shared model.
+    """
+    tmp = str(tmp_path)
+    plain_run = os.path.join(tmp, "plain")
+    plain_args = ["--model", "resnet20", "--model-args", '{"depth": 14}']
+    ok(
+        run_cli(
+            "train", *plain_args, *BUDGET, "--data-dir", data_dir, "--output", plain_run
+        )
+    )
+    plain = os.path.join(plain_run, "model.keras")
+    _, y = _test_arrays(data_dir)
+    _, logits_plain = _evaluate(plain, data_dir, os.path.join(tmp, "p.npy"))
+
+    exact = os.path.join(tmp, "exact.keras")
+    out = ok(run_cli("compress", plain, exact, "--shared-rank", 32, "--unique-rank", 0))
+    counts = [int(n.replace(",", "")) for n in re.findall(r"([\d,]+) parameters", out)]
+    assert len(counts) == 2 and counts[0] == sb_keras.count_params(
+        keras.models.load_model(plain)
+    ), out
+    _, logits_exact = _evaluate(exact, data_dir, os.path.join(tmp, "e.npy"))
+    scale = np.abs(logits_plain).max()
+    np.testing.assert_allclose(logits_exact, logits_plain, atol=1e-3 * scale)
+
+    small = os.path.join(tmp, "small.keras")
+    ok(
+        run_cli(
+            "compress",
+            plain,
+            small,
+            "--shared-rank",
+            4,
+            "--unique-rank",
+            1,
+            "--sharing",
+            "double",
+            "--data-dir",
+            data_dir,
+            "--calibration-count",
+            64,
+        )
+    )
+    tuned_run = os.path.join(tmp, "tuned")
+    ok(
+        run_cli(
+            "train",
+            "--init-from",
+            small,
+            *BUDGET,
+            "--lr",
+            0.01,
+            "--schedule",
+            "cosine",
+            "--data-dir",
+            data_dir,
+            "--output",
+            tuned_run,
+        )
+    )
+    tuned = os.path.join(tuned_run, "model.keras")
+    counts, logits = _evaluate(tuned, data_dir, os.path.join(tmp, "t.npy"))
+    _assert_top1_line_is_the_logits(counts, logits, y)
+    before = keras.models.load_model(small)
+    after = keras.models.load_model(tuned)
+    assert after.get_config()["share"] and after.get_config()["sharing"] == "double"
+    assert after.get_config()["shared_rank"] == 4
+    assert sb_keras.count_params(after) == sb_keras.count_params(before)
+    assert sb_keras.count_params(after) < sb_keras.count_params(
+        keras.models.load_model(plain)
+    )
+    moved = [
+        not np.allclose(a, b) for a, b in zip(before.get_weights(), after.get_weights())
+    ]
+    assert np.mean(moved) > 0.5
+    _assert_every_file_loads([plain, exact, small, tuned])

@@ -85,26 +85,10 @@ def check_output_path(path):
 
 
 def write_atomic(path, content):
-    """Writes bytes to ``path`` via a temporary file in the same folder.
+    """Writes bytes to ``path`` atomically (`sb_keras.io_utils.write_bytes`)."""
+    from sb_keras import io_utils
 
-    The file gets the usual permissions (``0666`` less the umask, as
-    ``open`` gives; a temporary file starts at ``0600``).
-    """
-    folder = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(suffix=".tflite.part", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(content)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    io_utils.write_bytes(path, content)
 
 
 def check_representative_data(model, data):

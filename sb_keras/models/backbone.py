@@ -98,6 +98,16 @@ def check_data_format(data_format, supported=_DATA_FORMATS, owner="The model"):
 
 
 @contextlib.contextmanager
+def _global_setting(get, set_, value):
+    """Sets a Keras global with ``set_(value)`` for the body, then restores it."""
+    previous = get()
+    set_(value)
+    try:
+        yield
+    finally:
+        set_(previous)
+
+
 def data_format_scope(data_format):
     """Makes ``data_format`` the global image data format while building.
 
@@ -105,27 +115,20 @@ def data_format_scope(data_format):
     ``keras.config.image_data_format()`` (Keras's process-wide setting); the
     layers keep the format they were built with.
     """
-    previous = keras.config.image_data_format()
-    keras.config.set_image_data_format(data_format)
-    try:
-        yield
-    finally:
-        keras.config.set_image_data_format(previous)
+    return _global_setting(
+        keras.config.image_data_format, keras.config.set_image_data_format, data_format
+    )
 
 
-@contextlib.contextmanager
 def policy_scope(policy):
     """Makes ``policy`` the global dtype policy while building a model.
 
     Keras's global policy is thread-local state, so this does not leak into
     other threads.
     """
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(policy)
-    try:
-        yield
-    finally:
-        keras.config.set_dtype_policy(previous)
+    return _global_setting(
+        keras.config.dtype_policy, keras.config.set_dtype_policy, policy
+    )
 
 
 def image_input(input_shape, preprocessing):
