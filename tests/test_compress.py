@@ -124,10 +124,9 @@ def test_whitened_and_plain_each_win_in_their_own_metric():
 # ---------------------------------------------------------------------------
 
 
-def _randomized_plain(depth=20):
-    """A plain ResNet with random, non-trivial BN statistics."""
-    model = sb_keras.ResNet(depth)
-    rng = np.random.RandomState(0)
+def _randomize_batchnorms(model, seed):
+    """Random, non-trivial gamma, beta and statistics in every BN of ``model``."""
+    rng = np.random.RandomState(seed)
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             c = layer.gamma.shape[0]
@@ -140,6 +139,11 @@ def _randomized_plain(depth=20):
                 ]
             )
     return model
+
+
+def _randomized_plain(depth=20):
+    """A plain ResNet with random, non-trivial BN statistics."""
+    return _randomize_batchnorms(sb_keras.ResNet(depth), seed=0)
 
 
 def test_compressed_layer_is_conv_bn_of_the_approximated_kernel():
@@ -325,19 +329,7 @@ def _keras_resnet(
             x = L.Activation("relu")(L.Add()([y, sc]))
     outputs = L.Dense(10)(L.GlobalAveragePooling2D()(x))
     model = keras.Model(inputs, outputs, name="my_resnet")
-    rng = np.random.RandomState(7)
-    for layer in model.layers:
-        if isinstance(layer, L.BatchNormalization):
-            c = layer.gamma.shape[0]
-            layer.set_weights(
-                [
-                    rng.uniform(0.5, 1.5, c),
-                    rng.normal(0, 0.2, c),
-                    rng.normal(0, 0.5, c),
-                    rng.uniform(0.5, 2.0, c),
-                ]
-            )
-    return model
+    return _randomize_batchnorms(model, seed=7)
 
 
 def test_keras_resnet_compresses_exactly_and_like_its_twin():

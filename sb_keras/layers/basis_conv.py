@@ -12,6 +12,7 @@ from sb_keras.layers.batch_norm import check_batchnorm
 from sb_keras.layers.batch_norm import fused_batch_norm
 from sb_keras.layers.batch_norm import fused_batch_norm_applies
 from sb_keras.layers.batch_norm import update_moving_statistics
+from sb_keras.layers.batch_norm import values_per_channel
 from sb_keras.layers.common import channel_axis
 from sb_keras.layers.common import check_int_tuple
 from sb_keras.layers.common import check_padding
@@ -537,8 +538,7 @@ def _kept_axis(axes):
 
 def _count(x, data_format="channels_last"):
     """Values per channel of a 4-D tensor, ``N*H*W``, as a float32 scalar."""
-    channels = ops.shape(x)[1 if data_format == "channels_first" else 3]
-    return ops.cast(ops.size(x) // channels, "float32")
+    return values_per_channel(x, 1 if data_format == "channels_first" else 3)
 
 
 def _bn_affine_tensors(bn, dtype="float32"):

@@ -131,12 +131,12 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
         y, mean, variance = fused_batch_norm(
             inputs, self.gamma, self.beta, self.epsilon, data_format
         )
-        count = _fused_count(inputs, self.axis)
+        count = values_per_channel(inputs, self.axis)
         update_moving_statistics(self, mean, variance, count)
         return ops.cast(y, self.compute_dtype)
 
 
-def _fused_count(x, axis):
+def values_per_channel(x, axis):
     """Values per channel of a 4-D tensor (``N*H*W``) as a float32 scalar."""
     return ops.cast(ops.size(x) // ops.shape(x)[axis % 4], "float32")
 
