@@ -33,6 +33,7 @@ import tensorflow as tf  # noqa: E402
 
 import sb_keras  # noqa: E402
 from sb_keras import data  # noqa: E402
+from sb_keras import io_utils  # noqa: E402
 from sb_keras.adaptation import adapt  # noqa: E402
 from sb_keras.adaptation import replace_head  # noqa: E402
 from sb_keras.cli_adapt import episode_test_set  # noqa: E402
@@ -179,9 +180,20 @@ def main():
             depth=cfg["depth"], sharing="network", num_classes=5
         ),
     }
+    xv, yv = data.load_arrays("cifar10", "test", data_dir=args.data_dir)
+    xv, yv = episode_test_set(xv, yv, BASE, limit=cfg["test_limit"])
+    pretrained = {}
     for name, model in models.items():
         print(f"pretraining {name} on classes {BASE} ({len(xb)} images)", flush=True)
+        t0 = time.time()
         pretrain(model, xb, yb, cfg["pretrain_epochs"], seed=0)
+        logits = model.predict(xv, batch_size=250, verbose=0)
+        pretrained[name] = dict(
+            base_test_accuracy=float(np.mean(np.argmax(logits, -1) == yv)),
+            params=int(model.count_params()),
+            seconds=round(time.time() - t0),
+        )
+        print(f"pretrained {name}: {json.dumps(pretrained[name])}", flush=True)
     results = []
     for k in cfg["shots"]:
         for seed in range(cfg["seeds"]):
@@ -203,11 +215,18 @@ def main():
                     )
                     print(json.dumps(results[-1]), flush=True)
     print(f"\nbudget: {'small (smoke)' if args.budget_small else 'full'} {cfg}")
-    print(f"wall time: {time.time() - start:.0f} s\n")
+    print(f"wall time: {time.time() - start:.0f} s")
+    for name, info in pretrained.items():
+        print(
+            f"pretrained {name}: {info['params']} params, "
+            f"{100 * info['base_test_accuracy']:.1f} % on the test images of "
+            f"classes {BASE} ({info['seconds']} s)"
+        )
+    print()
     print(table(results, cfg))
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump({"config": cfg, "results": results}, f, indent=1)
+        payload = {"config": cfg, "pretrained": pretrained, "results": results}
+        io_utils.write_bytes(args.output, json.dumps(payload, indent=1).encode())
 
 
 if __name__ == "__main__":

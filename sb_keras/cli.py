@@ -547,7 +547,12 @@ def _add_compress(sub):
         "layout (.keras file)",
     )
     p.add_argument("output", help="the .keras file to write")
-    p.add_argument("--shared-rank", type=int, required=True, help="S (stage 1)")
+    p.add_argument(
+        "--shared-rank",
+        type=int,
+        required=True,
+        help="S (stage 1); 0: per-layer low rank, nothing shared (a baseline)",
+    )
     p.add_argument("--unique-rank", type=int, default=1, help="u (stage 1)")
     p.add_argument("--sharing", default="single", help="single or double")
     p.add_argument(

@@ -194,6 +194,52 @@ def test_full_rank_compression_reproduces_the_model():
     )
 
 
+def _composed_kernel(layer, source_bn):
+    """The (kh, kw, C, F) kernel of a `BasisConv2D` without shared basis,
+    with `rebalance`'s per-filter factor undone (as above)."""
+    coeff = np.asarray(layer.coefficients, np.float64)[0, 0]
+    c = np.sqrt(
+        np.asarray(layer.bn.moving_variance, np.float64)
+        / np.asarray(source_bn.moving_variance, np.float64)
+    )
+    unique = np.asarray(layer.unique_kernel, np.float64)
+    return np.tensordot(unique, coeff / c, axes=([3], [0]))
+
+
+def test_per_layer_baseline_is_each_layers_truncated_svd():
+    """``shared_rank=0``: the NonShared ResNet, each layer its own best
+    rank-u kernel (Eckart-Young, plain metric); at full rank, exact."""
+    plain = _randomized_plain()
+    low, report = sb_keras.compress(plain, 0, 2, method="plain")
+    assert low.shared_rank == 0 and low.unique_rank == 2
+    assert report["params_after"] == sb_keras.count_params(
+        sb_keras.ResNet(20, share=True, shared_rank=0, unique_rank=2)
+    )
+    assert not [layer for layer in low.layers if layer.name.endswith("_basis")]
+    for stage, name in ((1, "stage1_block2_conv1"), (3, "stage3_block3_conv2")):
+        w = np.asarray(plain.get_layer(name).kernel, np.float64)
+        rank = 2 * 2 ** (stage - 1)
+        bn = plain.get_layer(name.replace("conv", "bn"))
+        kernel = _composed_kernel(low.get_layer(name), bn)
+        m = w.reshape(-1, w.shape[-1]).T
+        u, sv, vt = np.linalg.svd(m, full_matrices=False)
+        best = (u[:, :rank] * sv[:rank]) @ vt[:rank]
+        np.testing.assert_allclose(
+            kernel.reshape(-1, w.shape[-1]).T, best, atol=1e-5 * np.abs(m).max()
+        )
+    x = np.random.RandomState(2).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    images = np.random.RandomState(3).uniform(0, 255, (8, 32, 32, 3))
+    full, report = sb_keras.compress(
+        plain, 0, 16, calibration_data=images.astype("float32")
+    )
+    assert report["method"] == "whitened"
+    for group in report["groups"]:
+        assert group["relative_error"] < 1e-6
+    np.testing.assert_allclose(
+        full.predict(x, verbose=0), plain.predict(x, verbose=0), atol=1e-3
+    )
+
+
 def test_unshare_is_exact():
     shared = sb_keras.ResNet(20, share=True, shared_rank=4, unique_rank=1)
     rng = np.random.RandomState(5)
@@ -232,7 +278,8 @@ def plain20():
     [
         ({"shared_rank": 145}, "shared_rank=145"),
         ({"shared_rank": 140, "unique_rank": 5}, "unique_rank=5"),
-        ({"shared_rank": 0}, "shared_rank=0"),
+        ({"shared_rank": 0, "unique_rank": 0}, "shared_rank=0, unique_rank=0"),
+        ({"shared_rank": -1}, "shared_rank=-1"),
         ({"shared_rank": 2.5}, "shared_rank=2.5"),
         ({"shared_rank": 4, "unique_rank": -1}, "unique_rank=-1"),
         ({"shared_rank": 4, "sharing": "triple"}, "sharing='triple'"),

@@ -197,7 +197,10 @@ def compress(
             `sb_keras.ResNet` first (`keras_resnet.plain_resnet`; its module
             docstring lists the recognized layouts). Bottleneck ResNets and
             anything else raise a `ValueError`.
-        shared_rank: ``S`` (stage-1 shared filters), >= 1.
+        shared_rank: ``S`` (stage-1 shared filters), >= 0. ``0`` is the
+            per-layer low-rank baseline (the "NonShared" `sb_keras.ResNet`):
+            each layer's own truncated SVD, whitened with its own inputs'
+            second moment, ``unique_rank`` filters; nothing is shared.
         unique_rank: ``u`` (stage-1 unique filters per layer), >= 0;
             ``S + u`` at most the stage-1 filter size ``9 C``.
         sharing: `"single"` or `"double"`.
@@ -245,8 +248,13 @@ def compress(
         raise ValueError(
             f"`method` must be one of {METHODS}. Received: method={method!r}"
         )
-    shared_rank = _check_int("shared_rank", shared_rank, 1)
+    shared_rank = _check_int("shared_rank", shared_rank, 0)
     unique_rank = _check_int("unique_rank", unique_rank, 0)
+    if shared_rank + unique_rank == 0:
+        raise ValueError(
+            "`shared_rank + unique_rank` must be at least 1. "
+            "Received: shared_rank=0, unique_rank=0"
+        )
     width = model.get_layer("stem_conv").filters
     if shared_rank + unique_rank > 9 * width:
         raise ValueError(
@@ -286,16 +294,21 @@ def compress(
     for g, position, names in groups:
         s, u = shared_rank * 2**g, unique_rank * 2**g
         mats = [_kernel_matrix(model.get_layer(n).kernel) for n in names]
-        second = None
-        if method == "whitened":
-            second = sum(moments[n][1] for n in names) / len(names)
-        basis, uniques, coeffs, info = svd.decompose(
-            mats, s, u, second_moment=second, max_iter=max_iter, tol=tol
-        )
-        channels = model.get_layer(names[0]).kernel.shape[2]
-        owner = target.get_layer(f"stage{g + 1}_basis")
-        index = 1 if position == "conv2" else 0
-        owner.bases[index].assign(_as_kernel(basis, 3, channels).astype(np.float32))
+        if s == 0:
+            basis, uniques, coeffs, info = _per_layer(model, names, u, method, moments)
+        else:
+            second = None
+            if method == "whitened":
+                second = sum(moments[n][1] for n in names) / len(names)
+            basis, uniques, coeffs, info = svd.decompose(
+                mats, s, u, second_moment=second, max_iter=max_iter, tol=tol
+            )
+            channels = model.get_layer(names[0]).kernel.shape[2]
+            owner = target.get_layer(f"stage{g + 1}_basis")
+            index = 1 if position == "conv2" else 0
+            owner.bases[index].assign(
+                _as_kernel(basis, 3, channels).astype(np.float32)
+            )
         for name, v, a in zip(names, uniques, coeffs):
             _write_layer(model, target.get_layer(name), name, basis, v, a, moments)
         report["groups"].append(
@@ -316,6 +329,30 @@ def compress(
     report["params_after"] = count_params(target)
     rebalance(target)  # fine-tunable scales, same function
     return target, report
+
+
+def _per_layer(model, names, unique_rank, method, moments):
+    """``shared_rank=0``: each layer's own (whitened) truncated SVD."""
+    uniques, coeffs, num, den, squares = [], [], 0.0, 0.0, []
+    for name in names:
+        w = _kernel_matrix(model.get_layer(name).kernel)
+        second = moments[name][1] if method == "whitened" else None
+        basis, (v,), (a,), info = svd.decompose([w], 0, unique_rank, second)
+        uniques.append(v)
+        coeffs.append(a)
+        norm = float(np.sum(np.asarray(w, np.float64) ** 2))
+        num += info["plain_relative_error"] ** 2 * norm
+        den += norm
+        squares.append(info["relative_error"] ** 2)
+    objective = float(np.sqrt(np.mean(squares)))  # per-layer metrics: RMS
+    info = {
+        "plain_relative_error": float(np.sqrt(num / (den or 1.0))),
+        "relative_error": objective,
+        "initial_relative_error": objective,
+        "iterations": 0,
+        "escapes": 0,
+    }
+    return basis, uniques, coeffs, info
 
 
 def _write_layer(source, layer, name, basis, unique, coeff, moments):

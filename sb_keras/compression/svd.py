@@ -412,6 +412,15 @@ def _root(second_moment, ridge):
     return (vectors * root) @ vectors.T, (vectors / root) @ vectors.T
 
 
+def _check_ranks_per_layer(mats, unique_rank):
+    dim = mats[0].shape[1]
+    if unique_rank < 1 or unique_rank > dim:
+        raise ValueError(
+            f"Without a shared basis, need 1 <= unique_rank <= {dim} (the "
+            f"filter size). Received: shared_rank=0, unique_rank={unique_rank}"
+        )
+
+
 def decompose(mats, shared_rank, unique_rank, second_moment=None, ridge=1e-6, **kw):
     """Shared/unique bases and coefficients of a group, optionally whitened.
 
@@ -431,7 +440,8 @@ def decompose(mats, shared_rank, unique_rank, second_moment=None, ridge=1e-6, **
 
     Args:
         mats: list of ``(F_l, D)`` arrays.
-        shared_rank: ``S``.
+        shared_rank: ``S``; ``0`` gives each layer its own truncated SVD
+            (no shared basis; the per-layer low-rank baseline).
         unique_rank: ``u``.
         second_moment: optional ``(D, D)`` input second moment.
         ridge: relative eigenvalue floor of ``second_moment``.
@@ -451,7 +461,22 @@ def decompose(mats, shared_rank, unique_rank, second_moment=None, ridge=1e-6, **
     else:
         root, inv = _root(np.asarray(second_moment, np.float64), ridge)
         work = [w @ root for w in mats]
-    basis_w, uniques_w, info = shared_bases(work, shared_rank, unique_rank, **kw)
+    if shared_rank == 0:
+        # No shared basis: each layer's own truncated SVD (Eckart-Young).
+        _check_ranks_per_layer(work, unique_rank)
+        basis_w = np.zeros((0, work[0].shape[1]))
+        uniques_w, residuals = split_unique(work, basis_w, unique_rank)
+        num = sum(float(np.sum(r * r)) for r in residuals)
+        den = sum(float(np.sum(w * w)) for w in work) or 1.0
+        error = float(np.sqrt(num / den))
+        info = {
+            "relative_error": error,
+            "initial_relative_error": error,
+            "iterations": 0,
+            "escapes": 0,
+        }
+    else:
+        basis_w, uniques_w, info = shared_bases(work, shared_rank, unique_rank, **kw)
     approx = []
     for w, v in zip(work, uniques_w):
         a = (w @ basis_w.T) @ basis_w + (w @ v.T) @ v
