@@ -306,9 +306,7 @@ def compress(
             channels = model.get_layer(names[0]).kernel.shape[2]
             owner = target.get_layer(f"stage{g + 1}_basis")
             index = 1 if position == "conv2" else 0
-            owner.bases[index].assign(
-                _as_kernel(basis, 3, channels).astype(np.float32)
-            )
+            owner.bases[index].assign(_as_kernel(basis, 3, channels).astype(np.float32))
         for name, v, a in zip(names, uniques, coeffs):
             _write_layer(model, target.get_layer(name), name, basis, v, a, moments)
         report["groups"].append(
