@@ -20,6 +20,11 @@ Usage (from the repo root, the data beside it in ../shared)::
 
     PYTHONPATH=. python bench/compress_finetune.py [--configs 8,1,double 4,1,double]
         [--lr 0.01] [--limit 50000] [--out bench/results/compress_finetune]
+        [--source plain.keras]
+
+A config is ``S,U,SHARING``; ``0,U`` is the per-layer low-rank baseline
+(`sb_keras.compress` with ``shared_rank=0``: each layer's own whitened
+truncated SVD in a NonShared ResNet, nothing shared), fine-tuned the same way.
 """
 
 import argparse
@@ -96,6 +101,12 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--calibration", type=int, default=512)
     p.add_argument(
+        "--source",
+        default=None,
+        help="a plain sb_keras ResNet .keras file (default: the folded "
+        "authors' ResNet56-S16U1)",
+    )
+    p.add_argument(
         "--out", default=os.path.join("bench", "results", "compress_finetune")
     )
     args = p.parse_args(argv)
@@ -106,18 +117,24 @@ def main(argv=None):
         calib = f["x_train"][: args.calibration].astype("float32")
     with np.load(os.path.join(DATA, "test.npz")) as f:
         x_jpeg, y_jpeg = f["x"].astype("float32"), f["y"].astype("int64")
-    checkpoint = os.path.join(
-        SHARED, "pretrained", "net_rl2", "CIFAR10_ResNet56_S16U1_7.46err.pth.pth"
-    )
-    plain = sb_keras.unshare(sb_keras.load_authors_checkpoint(checkpoint))
+    if args.source:
+        plain = keras.models.load_model(args.source)
+        source = f"{plain.name} from {os.path.basename(args.source)}"
+    else:
+        checkpoint = os.path.join(
+            SHARED, "pretrained", "net_rl2", "CIFAR10_ResNet56_S16U1_7.46err.pth.pth"
+        )
+        plain = sb_keras.unshare(sb_keras.load_authors_checkpoint(checkpoint))
+        source = "folded authors' ResNet56-S16U1"
     rows = []
     for config in args.configs:
         t0 = time.time()
         if config == "plain":
-            model, label, sharing = plain, "plain ResNet-56 (control)", "-"
+            model, label, sharing = plain, f"plain ResNet-{plain.depth} (control)", "-"
             report = {"params_after": sb_keras.count_params(plain)}
         else:
-            s, u, sharing = config.split(",")
+            s, u, *rest = config.split(",")
+            sharing = rest[0] if rest else "single"
             model, report = sb_keras.compress(
                 plain,
                 int(s),
@@ -127,6 +144,8 @@ def main(argv=None):
                 method="whitened",
             )
             label = f"S{s}U{u}"
+            if int(s) == 0:  # the per-layer low-rank baseline
+                label, sharing = f"per-layer U{u} (no sharing)", "none"
         compress_s = time.time() - t0
         path = os.path.join(args.out, f"{config.replace(',', '_')}.keras")
         model.save(path)
@@ -138,6 +157,7 @@ def main(argv=None):
         tuned = keras.models.load_model(tuned_path)
         after = (top1(tuned, x_exact, y_exact), top1(tuned, x_jpeg, y_jpeg))
         row = dict(
+            source=source,
             config=label,
             sharing=sharing,
             params=report["params_after"],
@@ -155,16 +175,18 @@ def main(argv=None):
         )
     print(
         f"\nfine-tune: 1 epoch of {args.limit} JPEG training images, lr {args.lr} "
-        f"cosine, batch {args.batch_size}; plain = folded authors' ResNet56-S16U1"
+        f"cosine, batch {args.batch_size}; plain = {source}"
     )
     print(
-        "| model | sharing | params | exact 1000 before | after | JPEG 10k before "
-        "| after | fine-tune s |"
+        "| model | sharing | params | vs plain | exact 1000 before | after "
+        "| JPEG 10k before | after | fine-tune s |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    total = sb_keras.count_params(plain)
     for r in rows:
         print(
             f"| {r['config']} | {r['sharing']} | {r['params']:,} | "
+            f"{total / r['params']:.1f}x fewer | "
             f"{100 * r['exact_before']:.1f}% | {100 * r['exact_after']:.1f}% | "
             f"{100 * r['jpeg_before']:.1f}% | {100 * r['jpeg_after']:.1f}% | "
             f"{r['finetune_s']} |"
