@@ -21,10 +21,14 @@ Three tables, each timed forward + backward in interleaved rounds (median):
 3. With ``--trace``, the TensorFlow profiler's self time per op type over a
    full ``train_on_batch`` of ResNet-56 plain and S16U1 (summed over
    threads, so larger than the wall time).
+4. With ``--precision`` (alone), the same profile of one model in float32
+   and in mixed_bfloat16 side by side: which op types bfloat16 speeds up
+   and which it does not.
 
 Usage::
 
     PYTHONPATH=. python bench/profile_block.py --rounds 7 [--trace]
+    PYTHONPATH=. python bench/profile_block.py --precision [--model resnet56]
 
 Reference: Kang & Kim, *Learning Deeply Shared Filter Bases for Efficient
 ConvNets* (arXiv 2006.05066).
@@ -155,44 +159,97 @@ def conv_table(batch, rounds):
         print(f"| {hw}x{hw}x{c} | {name} | {ms:.1f} | {base / ms:.2f}x |")
 
 
-def trace_table(batch, steps=3, top=12):
+def _op_profile(model, x, y, steps):
+    """Profiler self time per op type (microseconds per step), IDLE dropped."""
     from tensorflow.python.profiler.internal import _pywrap_profiler_plugin as pp
 
+    model.compile(
+        keras.optimizers.SGD(0.1, momentum=0.9),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=False,
+    )
+    model.train_on_batch(x, y)
+    model.train_on_batch(x, y)
+    with tempfile.TemporaryDirectory() as logdir:
+        tf.profiler.experimental.start(logdir)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            model.train_on_batch(x, y)
+        wall = (time.perf_counter() - t0) / steps
+        tf.profiler.experimental.stop()
+        paths = glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)
+        data, _ = pp.xspace_to_tools_data(paths, "framework_op_stats", {})
+    table = json.loads(data)
+    table = table[0] if isinstance(table, list) else table
+    cols = {c["id"]: i for i, c in enumerate(table["cols"])}
+    per_type = {}
+    for row in table["rows"]:
+        cells = [c.get("v") for c in row["c"]]
+        op = cells[cols["type"]]
+        per_type[op] = per_type.get(op, 0.0) + cells[cols["total_self_time"]] / steps
+    per_type.pop("IDLE", None)
+    return per_type, wall
+
+
+def _batch(batch):
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 255, (batch, 32, 32, 3)).astype("float32")
-    y = rng.integers(0, 10, batch)
+    return x, rng.integers(0, 10, batch)
+
+
+def trace_table(batch, steps=3, top=12):
+    x, y = _batch(batch)
     print(f"\n3. Profiler self time per op type, train_on_batch, batch {batch}")
     for name in ("resnet56", "resnet56_s16u1"):
-        model = sb_keras.get_model(name)
-        model.compile(
-            keras.optimizers.SGD(0.1, momentum=0.9),
-            keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            jit_compile=False,
-        )
-        model.train_on_batch(x, y)
-        model.train_on_batch(x, y)
-        with tempfile.TemporaryDirectory() as logdir:
-            tf.profiler.experimental.start(logdir)
-            for _ in range(steps):
-                model.train_on_batch(x, y)
-            tf.profiler.experimental.stop()
-            paths = glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)
-            data, _ = pp.xspace_to_tools_data(paths, "framework_op_stats", {})
-        table = json.loads(data)
-        table = table[0] if isinstance(table, list) else table
-        cols = {c["id"]: i for i, c in enumerate(table["cols"])}
-        per_type = {}
-        for row in table["rows"]:
-            cells = [c.get("v") for c in row["c"]]
-            op = cells[cols["type"]]
-            per_type[op] = per_type.get(op, 0.0) + cells[cols["total_self_time"]]
-        per_type.pop("IDLE", None)
+        per_type, _ = _op_profile(sb_keras.get_model(name), x, y, steps)
         total = sum(per_type.values())
-        print(f"\n{name}: {total / steps / 1000:.0f} ms of op time per step")
+        print(f"\n{name}: {total / 1000:.0f} ms of op time per step")
         print("| op type | ms/step | share |")
         print("|---|---:|---:|")
         for op, us in sorted(per_type.items(), key=lambda kv: -kv[1])[:top]:
-            print(f"| {op} | {us / steps / 1000:.0f} | {100 * us / total:.0f} % |")
+            print(f"| {op} | {us / 1000:.0f} | {100 * us / total:.0f} % |")
+
+
+def precision_table(batch, model_name="resnet56", steps=3, top=14):
+    """Per op type, float32 against mixed_bfloat16: where bf16 gains, where not.
+
+    The profiler's self time is summed over threads (so above the wall
+    time); the wall time per step is printed beside it (with the profiler
+    on, a little slower than without).
+    """
+    x, y = _batch(batch)
+    profiles = {}
+    for policy in ("float32", "mixed_bfloat16"):
+        keras.mixed_precision.set_global_policy(policy)
+        try:
+            profiles[policy] = _op_profile(sb_keras.get_model(model_name), x, y, steps)
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+    (f32, wall32), (b16, wall16) = profiles["float32"], profiles["mixed_bfloat16"]
+    t32, t16 = sum(f32.values()), sum(b16.values())
+    print(
+        f"\n4. {model_name}, train_on_batch, batch {batch}: float32 against "
+        f"mixed_bfloat16, profiler self time per op type (ms/step)"
+    )
+    print(
+        f"wall: {1000 * wall32:.0f} / {1000 * wall16:.0f} ms per step "
+        f"({wall32 / wall16:.2f}x); op time {t32 / 1000:.0f} / {t16 / 1000:.0f} ms "
+        f"({t32 / t16:.2f}x)"
+    )
+    print("| op type | float32 | bf16 | speed-up | share of bf16 step |")
+    print("|---|---:|---:|---:|---:|")
+    ops = sorted(set(f32) | set(b16), key=lambda k: -max(f32.get(k, 0), b16.get(k, 0)))
+    for op in ops[:top]:
+        a, b = f32.get(op, 0.0), b16.get(op, 0.0)
+        ratio = f"{a / b:.2f}x" if a and b else "-"
+        print(
+            f"| {op} | {a / 1000:.1f} | {b / 1000:.1f} | {ratio} | "
+            f"{100 * b / t16:.0f} % |"
+        )
+    rest32 = sum(f32.get(k, 0.0) for k in ops[top:])
+    rest16 = sum(b16.get(k, 0.0) for k in ops[top:])
+    print(f"| (other) | {rest32 / 1000:.1f} | {rest16 / 1000:.1f} | | |")
+    return profiles
 
 
 def main(argv=None):
@@ -200,7 +257,16 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--trace", action="store_true", help="profile full train steps")
+    p.add_argument(
+        "--precision",
+        action="store_true",
+        help="only table 4: float32 against mixed_bfloat16 per op type",
+    )
+    p.add_argument("--model", default="resnet56", help="for --precision")
     args = p.parse_args(argv)
+    if args.precision:
+        precision_table(args.batch_size, args.model)
+        return
     bn_table(args.batch_size, args.rounds)
     conv_table(args.batch_size, args.rounds)
     if args.trace:
