@@ -293,10 +293,10 @@ def compress(
     report = {"method": method, "sharing": sharing, "groups": []}
     for g, position, names in groups:
         s, u = shared_rank * 2**g, unique_rank * 2**g
-        mats = [_kernel_matrix(model.get_layer(n).kernel) for n in names]
         if s == 0:
             basis, uniques, coeffs, info = _per_layer(model, names, u, method, moments)
         else:
+            mats = [_kernel_matrix(model.get_layer(n).kernel) for n in names]
             second = None
             if method == "whitened":
                 second = sum(moments[n][1] for n in names) / len(names)
