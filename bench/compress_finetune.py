@@ -22,7 +22,8 @@ Usage (from the repo root, the data beside it in ../shared)::
         [--lr 0.01] [--limit 50000] [--out bench/results/compress_finetune]
         [--source plain.keras]
 
-A config is ``S,U,SHARING``; ``0,U`` is the per-layer low-rank baseline
+A config is ``S,U[,SHARING[,METHOD]]`` (sharing ``single`` or ``double``,
+method ``whitened``, the default, or ``plain``); ``0,U`` is the per-layer low-rank baseline
 (`sb_keras.compress` with ``shared_rank=0``: each layer's own whitened
 truncated SVD in a NonShared ResNet, nothing shared), fine-tuned the same way.
 """
@@ -135,15 +136,16 @@ def main(argv=None):
         else:
             s, u, *rest = config.split(",")
             sharing = rest[0] if rest else "single"
+            method = rest[1] if len(rest) > 1 else "whitened"
             model, report = sb_keras.compress(
                 plain,
                 int(s),
                 int(u),
                 sharing=sharing,
                 calibration_data=calib,
-                method="whitened",
+                method=method,
             )
-            label = f"S{s}U{u}"
+            label = f"S{s}U{u}" + (" plain SVD" if method == "plain" else "")
             if int(s) == 0:  # the per-layer low-rank baseline
                 label, sharing = f"per-layer U{u} (no sharing)", "none"
         compress_s = time.time() - t0
