@@ -524,6 +524,11 @@ def _cmd_compress(args):
         )
     print(f"method {report['method']}, sharing {report['sharing']}")
     for g in report["groups"]:
+        if "rounds" in g:  # a whole shared kernel (MobileNetV2)
+            from sb_keras.compression.mobilenet_v2 import format_group
+
+            print(format_group(g))
+            continue
         print(
             f"stage {g['stage']} {g['group']:5s} S{g['shared_rank']}U{g['unique_rank']}"
             f" x{g['layers']}: relative error {g['relative_error']:.3e} "
@@ -536,24 +541,28 @@ def _cmd_compress(args):
 def _add_compress(sub):
     p = sub.add_parser(
         "compress",
-        help="compress a trained plain ResNet (.keras) into shared filter bases",
+        help="compress a trained plain ResNet or MobileNetV2 (.keras) into "
+        "shared filter bases",
         description="Approximates the 3x3 filters of each stage by a shared "
         "basis plus unique ones (sb_keras.compress) and writes the shared "
         "model; fine-tune it afterwards.",
     )
     p.add_argument(
         "model",
-        help="a plain sb_keras ResNet or a functional Keras ResNet of the same "
-        "layout (.keras file)",
+        help="a plain sb_keras ResNet or MobileNetV2, or a functional Keras "
+        "ResNet of the same layout (.keras file)",
     )
     p.add_argument("output", help="the .keras file to write")
     p.add_argument(
         "--shared-rank",
         type=int,
-        required=True,
-        help="S (stage 1); 0: per-layer low rank, nothing shared (a baseline)",
+        default=None,
+        help="S (stage 1), ResNets only (required there); 0: per-layer low "
+        "rank, nothing shared (a baseline)",
     )
-    p.add_argument("--unique-rank", type=int, default=1, help="u (stage 1)")
+    p.add_argument(
+        "--unique-rank", type=int, default=None, help="u (stage 1), default 1"
+    )
     p.add_argument("--sharing", default="single", help="single or double")
     p.add_argument(
         "--method",

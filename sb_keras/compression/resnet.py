@@ -147,8 +147,8 @@ def _set_bn(bn, gamma, beta, mean, variance):
 
 def compress(
     model,
-    shared_rank,
-    unique_rank=1,
+    shared_rank=None,
+    unique_rank=None,
     sharing="single",
     calibration_data=None,
     method=None,
@@ -196,13 +196,17 @@ def compress(
             layer names, recognized by structure and rebuilt as that
             `sb_keras.ResNet` first (`keras_resnet.plain_resnet`; its module
             docstring lists the recognized layouts). Bottleneck ResNets and
-            anything else raise a `ValueError`.
-        shared_rank: ``S`` (stage-1 shared filters), >= 0. ``0`` is the
+            anything else raise a `ValueError`. A plain `sb_keras.MobileNetV2`
+            goes to `mobilenet_v2.compress_mobilenet_v2` (whole shared 1x1
+            kernels: no ranks, which must stay None; ``max_iter`` and
+            ``tol`` do not apply).
+        shared_rank: ``S`` (stage-1 shared filters), >= 0 (required for a
+            ResNet). ``0`` is the
             per-layer low-rank baseline (the "NonShared" `sb_keras.ResNet`):
             each layer's own truncated SVD, whitened with its own inputs'
             second moment, ``unique_rank`` filters; nothing is shared.
         unique_rank: ``u`` (stage-1 unique filters per layer), >= 0;
-            ``S + u`` at most the stage-1 filter size ``9 C``.
+            ``S + u`` at most the stage-1 filter size ``9 C``. None: 1.
         sharing: `"single"` or `"double"`.
         calibration_data: optional images ``(N, H, W, 3)`` as the model
             takes them; used for the whitening and the basis BN statistics.
@@ -235,6 +239,21 @@ def compress(
     >>> report["params_after"] < report["params_before"]
     True
     """
+    # MobileNetV2 sources: whole shared 1x1 kernels, no ranks.
+    from sb_keras.compression import mobilenet_v2
+
+    if mobilenet_v2.is_mobilenet_v2(model):
+        return mobilenet_v2.compress(
+            model,
+            shared_rank,
+            unique_rank,
+            sharing=sharing,
+            calibration_data=calibration_data,
+            method=method,
+            batch_size=batch_size,
+        )
+    unique_rank = 1 if unique_rank is None else unique_rank
+
     from sb_keras.counting import count_params
 
     model = _check_model(model)
@@ -391,6 +410,12 @@ def unshare(model):
         The plain (``share=False``) `sb_keras.ResNet` of the same depth,
         head and preprocessing.
     """
+    # MobileNetV2: copies of the shared 1x1 kernels.
+    from sb_keras.compression import mobilenet_v2
+
+    if mobilenet_v2.is_mobilenet_v2(model):
+        return mobilenet_v2.unshare(model)
+
     if not (isinstance(model, ResNet) and model.share) or model.depth in (50, 101, 152):
         raise ValueError(
             "`model` must be a shared basic-block sb_keras.ResNet. "
