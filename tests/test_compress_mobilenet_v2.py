@@ -85,7 +85,7 @@ def test_round_trip_through_a_scrambled_plain_model_is_exact(sharing, method):
     for g in report["groups"]:
         assert g["relative_error"] < 1e-5, g
         if g["group"] == "expand":
-            assert g["initial_objective_error"] > 0.3  # scrambled: far off
+            assert g["initial_objective_error"] > 0.1  # scrambled: far off
     assert report["params_after"] == sb_keras.count_params(shared)
     # The shared kernels come back with unit rows (filters).
     basis = np.asarray(compressed.get_layer("stage4_expand_basis").bases[0])
