@@ -404,7 +404,9 @@ def unshare(model):
     result at a usual learning rate.
 
     Args:
-        model: a basic-block `sb_keras.ResNet` with ``share=True``.
+        model: a basic-block `sb_keras.ResNet` with ``share=True`` (a shared
+            `sb_keras.MobileNetV2` goes to `mobilenet_v2.unshare`: copies
+            of the shared kernels, exact).
 
     Returns:
         The plain (``share=False``) `sb_keras.ResNet` of the same depth,
