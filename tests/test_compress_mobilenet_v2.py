@@ -48,20 +48,28 @@ def _scramble(plain, rng):
         _rescale_bn(plain.get_layer(f"{block}_expand_bn"), c)
 
 
+IMAGENET = {"variant": "imagenet", "input_shape": (32, 32, 3)}
+CHANNELS_FIRST = {"data_format": "channels_first"}
+
+
 @pytest.mark.parametrize(
-    "sharing, method",
+    "sharing, method, extra",
     [
-        ("single", "whitened"),
-        ("double", "plain"),
-        pytest.param("single", "plain", marks=pytest.mark.slow),
-        pytest.param("double", "whitened", marks=pytest.mark.slow),
+        ("single", "whitened", {}),
+        ("double", "plain", {}),
+        pytest.param("single", "plain", {}, marks=pytest.mark.slow),
+        pytest.param("double", "whitened", {}, marks=pytest.mark.slow),
+        pytest.param("double", "whitened", IMAGENET, marks=pytest.mark.slow),
+        pytest.param("single", "whitened", CHANNELS_FIRST, marks=pytest.mark.slow),
     ],
 )
-def test_round_trip_through_a_scrambled_plain_model_is_exact(sharing, method):
+def test_round_trip_through_a_scrambled_plain_model_is_exact(sharing, method, extra):
     rng = np.random.RandomState(0)
-    shared = sb_keras.MobileNetV2(share=True, sharing=sharing, **SMALL)
+    shared = sb_keras.MobileNetV2(share=True, sharing=sharing, **{**SMALL, **extra})
     _randomize_batchnorms(shared, rng)
     x = rng.uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    if extra.get("data_format") == "channels_first":
+        x = x.transpose(0, 3, 1, 2)
     expected = _logits(shared, x)
 
     plain = sb_keras.unshare(shared)
