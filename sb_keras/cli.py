@@ -545,7 +545,8 @@ def _add_compress(sub):
         "shared filter bases",
         description="Approximates the 3x3 filters of each stage by a shared "
         "basis plus unique ones (sb_keras.compress) and writes the shared "
-        "model; fine-tune it afterwards.",
+        "model; fine-tune it afterwards. "
+        "A MobileNetV2 gets whole shared 1x1 kernels instead (no ranks).",
     )
     p.add_argument(
         "model",

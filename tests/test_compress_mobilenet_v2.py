@@ -120,14 +120,23 @@ def test_random_plain_model_compresses_with_aligned_channels():
     assert np.all(np.isfinite(_logits(shared, x)))
 
 
-def _cli_journey(tmp_path, capture):
+def _cli_journey(tmp_path, capture, whitened):
     rng = np.random.RandomState(3)
     plain = _randomize_batchnorms(sb_keras.MobileNetV2(**SMALL), rng)
     source, output = str(tmp_path / "plain.keras"), str(tmp_path / "o" / "out.keras")
     plain.save(source)
-    out = capture(["compress", source, output, "--sharing", "double"])
+    argv = ["compress", source, output, "--sharing", "double"]
+    images = None
+    if whitened:
+        images = rng.randint(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+        np.savez(tmp_path / "train.npz", x=images, y=np.arange(8) % 10)
+        argv += ["--data-dir", str(tmp_path), "--calibration-count", "8"]
+    out = capture(argv)
     restored = keras.models.load_model(output)
-    expected, report = sb_keras.compress(plain, sharing="double")
+    expected, report = sb_keras.compress(
+        plain, sharing="double", calibration_data=images
+    )
+    assert f"method {'whitened' if whitened else 'plain'}, sharing double" in out
     assert isinstance(restored, sb_keras.MobileNetV2) and restored.sharing == "double"
     x = rng.uniform(0, 255, (2, 32, 32, 3)).astype("float32")
     np.testing.assert_allclose(_logits(restored, x), _logits(expected, x), atol=1e-5)
@@ -146,12 +155,15 @@ def test_cli_compress_in_process(tmp_path, capsys):
         assert cli.main(argv) == 0
         return capsys.readouterr().out
 
-    _cli_journey(tmp_path, capture)
+    _cli_journey(tmp_path, capture, whitened=False)
 
 
 @pytest.mark.slow  # a subprocess (TensorFlow start-up) and two model builds
 def test_cli_compress_journey(tmp_path):
-    _cli_journey(tmp_path, lambda argv: cli_helpers.ok(cli_helpers.sb_keras(*argv)))
+    def capture(argv):
+        return cli_helpers.ok(cli_helpers.sb_keras(*argv))
+
+    _cli_journey(tmp_path, capture, whitened=True)
 
 
 @pytest.fixture(scope="module")
