@@ -232,10 +232,9 @@ def compress(
     >>> report["params_after"] < report["params_before"]
     True
     """
-    from sb_keras.counting import count_params
-
     # --- bottleneck sources (compression.bottleneck): whole shared kernels ---
     from sb_keras.compression import bottleneck
+    from sb_keras.counting import count_params
 
     if bottleneck.is_bottleneck(model):
         bottleneck.check_no_ranks(model, shared_rank, unique_rank)
