@@ -104,8 +104,9 @@ def _descriptors(mat, channels):
     filter permutations and scales). Both flattened and normalized.
     """
     taps = _unit(mat).reshape(len(mat), 9, channels)
-    rows = np.einsum("fkc,flc->fkl", taps, taps).reshape(len(mat), -1)
-    cols = np.einsum("fka,fla->akl", taps, taps).reshape(channels, -1)
+    rows = (taps @ taps.transpose(0, 2, 1)).reshape(len(mat), -1)
+    per_channel = taps.transpose(2, 0, 1)  # (C, F, 9)
+    cols = (per_channel.transpose(0, 2, 1) @ per_channel).reshape(channels, -1)
     return _unit(rows), _unit(cols)
 
 
@@ -116,9 +117,8 @@ def _permute_inputs(mat, order, channels):
 
 def _input_order(target, mat, channels):
     """The input order of ``mat`` (rows matched) closest to ``target``."""
-    t = target.reshape(len(target), 9, channels)
-    m = mat.reshape(len(mat), 9, channels)
-    return kernel_sharing.assign(np.einsum("fka,fkb->ab", t, m))
+    t = target.reshape(-1, channels)  # (F * 9, C): the channels' tap columns
+    return kernel_sharing.assign(t.T @ mat.reshape(-1, channels))
 
 
 def align_kernels(mats, channels, max_rounds=50):
