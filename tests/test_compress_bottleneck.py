@@ -204,5 +204,30 @@ def test_cli_compress_bottleneck(tmp_path, plain50):
     expected, _ = sb_keras.compress(plain50, sharing="double")
     x = _images(6)
     np.testing.assert_allclose(_logits(restored, x), _logits(expected, x), atol=1e-5)
-    bad = cli_helpers.sb_keras("compress", source, output, "--shared-rank", "8")
-    assert bad.returncode == 2 and "Received: shared_rank=8" in bad.stderr
+
+
+@pytest.mark.slow  # saves and loads a ResNet-50 (~7 s)
+def test_cli_rank_flags_are_refused_for_a_bottleneck(tmp_path, plain50, capsys):
+    from sb_keras import cli
+
+    source = str(tmp_path / "plain.keras")
+    plain50.save(source)
+    output = tmp_path / "out.keras"
+    assert cli.main(["compress", source, str(output), "--shared-rank", "8"]) == 2
+    assert "Received: shared_rank=8" in capsys.readouterr().err
+    assert not output.exists()
+
+
+def test_absorb_moves_any_scale_into_the_batchnorm():
+    bn = keras.layers.BatchNormalization(epsilon=1e-3)
+    bn.build((None, 5))
+    rng = np.random.RandomState(7)
+    bn.set_weights(
+        [rng.uniform(0.5, 1.5, 5), rng.normal(size=5), rng.normal(size=5)]
+        + [rng.uniform(0.5, 2.0, 5)]
+    )
+    y = rng.normal(size=(6, 5)).astype("float32")
+    s = np.array([2.0, -0.5, 0.0, 1.0, -3.0])
+    expected = np.asarray(bn(s * y, training=False))
+    bottleneck._absorb(bn, s)
+    np.testing.assert_allclose(np.asarray(bn(y, training=False)), expected, atol=1e-5)

@@ -30,9 +30,11 @@ the input orders repeat (or after ``max_rounds``):
 It starts from orders that do not depend on the other symmetry: rows
 matched to the first block's by their 9x9 spatial Gram matrices (invariant
 to input permutation and row scale), channels by their 9x9 Gram matrices
-over the scale-normalized rows (invariant to row permutation and scale).
-On a plain model unshared from a shared one, with its channels permuted
-and filters rescaled, these starts are already exact (tested).
+over the scale-normalized rows (invariant to row permutation and scale);
+or from the source orders where those fit better, so the result is never
+worse than no alignment. On a plain model unshared from a shared one, with
+its channels permuted and filters rescaled, these starts are already exact
+(tested).
 
 ``conv3`` (``sharing="double"``): its rows are the residual stream and stay
 in place; its input columns follow ``Q_l``; `share_rows` with
@@ -143,6 +145,12 @@ def align_kernels(mats, channels, max_rounds=50):
         rows, cols = _descriptors(w, channels)
         outputs.append(kernel_sharing.assign(ref_rows @ rows.T))
         inputs.append(kernel_sharing.assign(ref_cols @ cols.T))
+    identity = [np.arange(len(mats[0]))] * len(mats)
+    start = [
+        _permute_inputs(w[q], p, channels) for w, q, p in zip(mats, outputs, inputs)
+    ]
+    if kernel_sharing.fixed_order_error(mats) < kernel_sharing.fixed_order_error(start):
+        outputs, inputs = identity, identity  # never worse than the source orders
     errors, rounds = [], 0
     while rounds < max_rounds:
         rounds += 1
@@ -182,6 +190,9 @@ def _moments(model, blocks, inputs, data, batch_size):
         outs = probe([data[start : start + batch_size]], training=False)
         for i, (g, b) in enumerate(names):
             x2 = np.asarray(outs[2 * i], np.float64)
+            x3 = np.asarray(outs[2 * i + 1], np.float64)
+            if model.get_layer(f"{b}_conv2").data_format == "channels_first":
+                x2, x3 = np.moveaxis(x2, 1, -1), np.moveaxis(x3, 1, -1)
             patches = _patches(x2[..., inputs[b]])
             sigma = patches.T @ patches
             conv2[g] = conv2.get(g, 0.0) + sigma
@@ -189,7 +200,6 @@ def _moments(model, blocks, inputs, data, batch_size):
             idx = (np.arange(9)[:, None] * len(order) + order[None, :]).ravel()
             raw[g] = raw.get(g, 0.0) + sigma[np.ix_(idx, idx)]
             count[g] = count.get(g, 0) + len(patches)
-            x3 = np.asarray(outs[2 * i + 1], np.float64)
             x3 = x3.reshape(-1, x3.shape[-1])
             conv3[b] = conv3.get(b, 0.0) + x3.T @ x3
             count3[b] = count3.get(b, 0) + len(x3)
