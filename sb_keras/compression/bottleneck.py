@@ -145,12 +145,13 @@ def align_kernels(mats, channels, max_rounds=50):
         rows, cols = _descriptors(w, channels)
         outputs.append(kernel_sharing.assign(ref_rows @ rows.T))
         inputs.append(kernel_sharing.assign(ref_cols @ cols.T))
-    identity = [np.arange(len(mats[0]))] * len(mats)
     start = [
         _permute_inputs(w[q], p, channels) for w, q, p in zip(mats, outputs, inputs)
     ]
     if kernel_sharing.fixed_order_error(mats) < kernel_sharing.fixed_order_error(start):
-        outputs, inputs = identity, identity  # never worse than the source orders
+        # Never worse than the source orders.
+        outputs = [np.arange(len(w)) for w in mats]
+        inputs = [np.arange(channels) for _ in mats]
     errors, rounds = [], 0
     while rounds < max_rounds:
         rounds += 1
