@@ -524,6 +524,13 @@ def _cmd_compress(args):
         )
     print(f"method {report['method']}, sharing {report['sharing']}")
     for g in report["groups"]:
+        if "rounds" in g:  # a bottleneck source: whole shared kernels
+            print(
+                f"stage {g['stage']} {g['group']:5s} shared x{g['layers']}: "
+                f"relative error {g['relative_error']:.3e} (source orders "
+                f"{g['initial_objective_error']:.3e}, {g['rounds']} rounds)"
+            )
+            continue
         print(
             f"stage {g['stage']} {g['group']:5s} S{g['shared_rank']}U{g['unique_rank']}"
             f" x{g['layers']}: relative error {g['relative_error']:.3e} "
@@ -539,7 +546,8 @@ def _add_compress(sub):
         help="compress a trained plain ResNet (.keras) into shared filter bases",
         description="Approximates the 3x3 filters of each stage by a shared "
         "basis plus unique ones (sb_keras.compress) and writes the shared "
-        "model; fine-tune it afterwards.",
+        "model; fine-tune it afterwards. A bottleneck ResNet (50/101/152) "
+        "gets whole shared kernels instead: no rank flags.",
     )
     p.add_argument(
         "model",
@@ -550,10 +558,13 @@ def _add_compress(sub):
     p.add_argument(
         "--shared-rank",
         type=int,
-        required=True,
-        help="S (stage 1); 0: per-layer low rank, nothing shared (a baseline)",
+        default=None,
+        help="S (stage 1), required for basic-block ResNets; 0: per-layer low "
+        "rank, nothing shared (a baseline)",
     )
-    p.add_argument("--unique-rank", type=int, default=1, help="u (stage 1)")
+    p.add_argument(
+        "--unique-rank", type=int, default=None, help="u (stage 1; default 1)"
+    )
     p.add_argument("--sharing", default="single", help="single or double")
     p.add_argument(
         "--method",

@@ -18,19 +18,11 @@ def _check_model(model):
     """``model`` as a plain basic-block `sb_keras.ResNet` (a Keras one rebuilt)."""
     if not isinstance(model, ResNet):
         return keras_resnet.plain_resnet(model)
-    found = None
     if model.share:
-        found = "already shared"
-    elif model.depth in IMAGENET_DEPTHS and IMAGENET_DEPTHS[model.depth][0] != "basic":
-        found = (
-            "bottleneck blocks (their shared models share whole 3x3 kernels, "
-            "without ranks; not supported)"
-        )
-    if found:
         raise ValueError(
-            "`model` must be a plain (share=False) basic-block sb_keras.ResNet "
-            "(CIFAR ResNet-6n+2 or ResNet-18/34, either stem) or a functional "
-            f"Keras ResNet of the same layout; found {found}. "
+            "`model` must be a plain (share=False) sb_keras.ResNet (bottleneck "
+            "ones go to `compression.bottleneck`) or a functional Keras ResNet "
+            "of a basic-block layout; found already shared. "
             f"Received: model={model.name!r}"
         )
     return model
@@ -147,8 +139,8 @@ def _set_bn(bn, gamma, beta, mean, variance):
 
 def compress(
     model,
-    shared_rank,
-    unique_rank=1,
+    shared_rank=None,
+    unique_rank=None,
     sharing="single",
     calibration_data=None,
     method=None,
@@ -195,14 +187,19 @@ def compress(
             stem), or a functional `keras.Model` of the same layout with any
             layer names, recognized by structure and rebuilt as that
             `sb_keras.ResNet` first (`keras_resnet.plain_resnet`; its module
-            docstring lists the recognized layouts). Bottleneck ResNets and
-            anything else raise a `ValueError`.
-        shared_rank: ``S`` (stage-1 shared filters), >= 0. ``0`` is the
+            docstring lists the recognized layouts). A plain bottleneck
+            `sb_keras.ResNet` (50/101/152) goes to
+            `compression.bottleneck.compress_bottleneck` (whole shared
+            kernels, no ranks: ``shared_rank`` and ``unique_rank`` must be
+            None; ``max_iter`` and ``tol`` do not apply). Anything else
+            raises a `ValueError`.
+        shared_rank: ``S`` (stage-1 shared filters), >= 0; required for
+            basic-block ResNets. ``0`` is the
             per-layer low-rank baseline (the "NonShared" `sb_keras.ResNet`):
             each layer's own truncated SVD, whitened with its own inputs'
             second moment, ``unique_rank`` filters; nothing is shared.
         unique_rank: ``u`` (stage-1 unique filters per layer), >= 0;
-            ``S + u`` at most the stage-1 filter size ``9 C``.
+            ``S + u`` at most the stage-1 filter size ``9 C``. None: 1.
         sharing: `"single"` or `"double"`.
         calibration_data: optional images ``(N, H, W, 3)`` as the model
             takes them; used for the whitening and the basis BN statistics.
@@ -235,8 +232,22 @@ def compress(
     >>> report["params_after"] < report["params_before"]
     True
     """
+    # --- bottleneck sources (compression.bottleneck): whole shared kernels ---
+    from sb_keras.compression import bottleneck
     from sb_keras.counting import count_params
 
+    if bottleneck.is_bottleneck(model):
+        bottleneck.check_no_ranks(model, shared_rank, unique_rank)
+        return bottleneck.compress_bottleneck(
+            model, sharing, calibration_data, method, batch_size
+        )
+    # --- end bottleneck sources ---
+    if shared_rank is None:
+        raise ValueError(
+            "`shared_rank` is required for a basic-block ResNet. "
+            "Received: shared_rank=None"
+        )
+    unique_rank = 1 if unique_rank is None else unique_rank
     model = _check_model(model)
     if sharing not in SHARINGS:
         raise ValueError(
@@ -384,14 +395,24 @@ def unshare(model):
     BNs (`sb_keras.compression.rebalance`), so that SGD can fine-tune the
     result at a usual learning rate.
 
+    A shared bottleneck `sb_keras.ResNet` goes to
+    `compression.bottleneck.unshare_bottleneck` (each block gets a copy of
+    the shared kernels; exact, not rebalanced).
+
     Args:
-        model: a basic-block `sb_keras.ResNet` with ``share=True``.
+        model: a shared (``share=True``) `sb_keras.ResNet`.
 
     Returns:
         The plain (``share=False``) `sb_keras.ResNet` of the same depth,
         head and preprocessing.
     """
-    if not (isinstance(model, ResNet) and model.share) or model.depth in (50, 101, 152):
+    # --- bottleneck sources (compression.bottleneck) ---
+    from sb_keras.compression import bottleneck
+
+    if bottleneck.is_bottleneck(model):
+        return bottleneck.unshare_bottleneck(model)
+    # --- end bottleneck sources ---
+    if not (isinstance(model, ResNet) and model.share):
         raise ValueError(
             "`model` must be a shared basic-block sb_keras.ResNet. "
             f"Received: model={getattr(model, 'name', model)!r}"
