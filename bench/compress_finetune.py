@@ -23,9 +23,10 @@ Usage (from the repo root, the data beside it in ../shared)::
         [--source plain.keras]
 
 A config is ``S,U[,SHARING[,METHOD]]`` (sharing ``single`` or ``double``,
-method ``whitened``, the default, or ``plain``); ``0,U`` is the per-layer low-rank baseline
-(`sb_keras.compress` with ``shared_rank=0``: each layer's own whitened
-truncated SVD in a NonShared ResNet, nothing shared), fine-tuned the same way.
+method ``whitened``, the default, or ``plain``); ``0,U`` is the per-layer
+low-rank baseline (`sb_keras.compress` with ``shared_rank=0``: each layer's
+own whitened truncated SVD in a NonShared ResNet, nothing shared), fine-tuned
+the same way.
 """
 
 import argparse
@@ -153,6 +154,10 @@ def main(argv=None):
         model.save(path)
         before = (top1(model, x_exact, y_exact), top1(model, x_jpeg, y_jpeg))
         run_dir = os.path.join(args.out, f"run_{config.replace(',', '_')}")
+        if os.path.exists(run_dir):
+            # `sb-keras train` would resume a finished run and report its
+            # old accuracy as this run's.
+            sys.exit(f"{run_dir} exists from an earlier run; use a new --out.")
         tuned_path, tune_s = fine_tune(
             path, run_dir, args.lr, args.limit, args.batch_size
         )

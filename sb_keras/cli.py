@@ -523,11 +523,18 @@ def _cmd_compress(args):
             f"{counting.count_macs(m) / 1e6:.1f} M MACs"
         )
     print(f"method {report['method']}, sharing {report['sharing']}")
-    for g in report["groups"]:
-        if "rounds" in g:  # a whole shared kernel (MobileNetV2)
-            from sb_keras.compression.mobilenet_v2 import format_group
+    from sb_keras.compression import mobilenet_v2
 
-            print(format_group(g))
+    for g in report["groups"]:
+        if mobilenet_v2.is_mobilenet_v2(model):  # whole shared 1x1 kernels
+            print(mobilenet_v2.format_group(g))
+            continue
+        if "rounds" in g:  # a bottleneck source: whole shared kernels
+            print(
+                f"stage {g['stage']} {g['group']:5s} shared x{g['layers']}: "
+                f"relative error {g['relative_error']:.3e} (source orders "
+                f"{g['initial_objective_error']:.3e}, {g['rounds']} rounds)"
+            )
             continue
         print(
             f"stage {g['stage']} {g['group']:5s} S{g['shared_rank']}U{g['unique_rank']}"
@@ -545,8 +552,9 @@ def _add_compress(sub):
         "shared filter bases",
         description="Approximates the 3x3 filters of each stage by a shared "
         "basis plus unique ones (sb_keras.compress) and writes the shared "
-        "model; fine-tune it afterwards. "
-        "A MobileNetV2 gets whole shared 1x1 kernels instead (no ranks).",
+        "model; fine-tune it afterwards. A bottleneck ResNet (50/101/152) "
+        "gets whole shared kernels instead: no rank flags. A MobileNetV2 "
+        "likewise (whole shared 1x1 kernels).",
     )
     p.add_argument(
         "model",
@@ -558,11 +566,11 @@ def _add_compress(sub):
         "--shared-rank",
         type=int,
         default=None,
-        help="S (stage 1), ResNets only (required there); 0: per-layer low "
+        help="S (stage 1), required for basic-block ResNets; 0: per-layer low "
         "rank, nothing shared (a baseline)",
     )
     p.add_argument(
-        "--unique-rank", type=int, default=None, help="u (stage 1), default 1"
+        "--unique-rank", type=int, default=None, help="u (stage 1; default 1)"
     )
     p.add_argument("--sharing", default="single", help="single or double")
     p.add_argument(

@@ -513,9 +513,10 @@ def test_imagenet_stem_resnet18_round_trip_is_exact():
     )
 
 
-def test_bottleneck_resnet_is_refused():
+def test_bottleneck_resnet_takes_no_ranks():
+    # Bottleneck sources: tests/test_compress_bottleneck.py.
     model = sb_keras.ResNet(50, input_shape=(32, 32, 3))
-    with pytest.raises(ValueError, match="bottleneck blocks.*Received: model="):
+    with pytest.raises(ValueError, match="no ranks.*Received: shared_rank=4"):
         sb_keras.compress(model, 4)
 
 

@@ -64,3 +64,23 @@ def test_error_is_optimal_for_fixed_orders_and_decreases():
 def test_mismatched_shapes_are_refused():
     with pytest.raises(ValueError, match="Received: shapes"):
         kernel_sharing.share_rows([np.ones((4, 9)), np.ones((4, 8))])
+
+
+@pytest.mark.parametrize("whitened", [False, True])
+def test_fixed_order_error_is_share_rows_without_alignment(whitened):
+    rng = np.random.default_rng(5)
+    mats = _group(rng, noise=0.2)
+    second = None
+    if whitened:
+        a = rng.normal(size=(40, 40))
+        second = a @ a.T / 40
+    expected = kernel_sharing.share_rows(mats, second, align=False)[3]
+    np.testing.assert_allclose(
+        kernel_sharing.fixed_order_error(mats, second),
+        expected["objective_error"],
+        rtol=1e-6,
+    )
+    aligned = kernel_sharing.share_rows(mats, second)
+    assert kernel_sharing.fixed_order_error(
+        [w[o] for w, o in zip(mats, aligned[2])], second
+    ) == pytest.approx(aligned[3]["objective_error"], rel=1e-6)

@@ -91,14 +91,43 @@ def fit(mats, orders=None):
     if orders is None:
         orders = [np.arange(f)] * len(mats)
     stacked = np.stack([w[o] for w, o in zip(mats, orders)], axis=1)  # (F, n, D)
-    _, s, vt = np.linalg.svd(stacked, full_matrices=False)
-    shared = vt[:, 0, :]
+    # Top right singular vector of each (n, D) stack from its n x n Gram
+    # matrix: the same vector, ~10x faster than a batched SVD for n << D.
+    values, vectors = np.linalg.eigh(np.einsum("fnd,fmd->fnm", stacked, stacked))
+    shared = np.einsum("fn,fnd->fd", vectors[:, :, -1], stacked)
+    norms = np.linalg.norm(shared, axis=1, keepdims=True)
+    shared = shared / np.where(norms > 0, norms, 1.0)
     scales = np.einsum("fnd,fd->nf", stacked, shared)
     # A deterministic sign: the scales sum to a non-negative number.
     sign = np.where(scales.sum(axis=0) < 0, -1.0, 1.0)
     shared, scales = shared * sign[:, None], scales * sign[None, :]
-    residual = float(np.sum(stacked * stacked) - np.sum(s[:, 0] ** 2))
+    residual = float(np.sum(stacked * stacked) - np.sum(scales * scales))
     return shared, list(scales), max(residual, 0.0)
+
+
+def fixed_order_error(mats, second_moment=None):
+    """`share_rows`'s ``objective_error`` with the given orders, no alignment.
+
+    Computed without a square root of ``second_moment`` (each filter's
+    ``(layers, layers)`` Gram matrix in the metric, its top eigenvalue being
+    what one shared row explains), so it is cheap for large filters; it
+    differs from `share_rows` only by the ridge there.
+
+    Args:
+        mats: list of ``(F, D)`` filter matrices, rows in their given order.
+        second_moment: optional ``(D, D)`` second moment of the inputs.
+
+    Returns:
+        The relative error ``sqrt(min sum_l ||(W_l - diag(c_l) K) L||^2 /
+        sum_l ||W_l L||^2)`` (``L L = second_moment``; identity if None).
+    """
+    stacked = np.stack([np.asarray(w, np.float64) for w in mats], axis=1)
+    weighted = stacked if second_moment is None else stacked @ second_moment
+    gram = np.einsum("fnd,fmd->fnm", stacked, weighted)
+    gram = 0.5 * (gram + np.swapaxes(gram, 1, 2))
+    total = float(np.trace(gram, axis1=1, axis2=2).sum())
+    explained = float(np.linalg.eigvalsh(gram)[:, -1].sum())
+    return float(np.sqrt(max(total - explained, 0.0) / (total or 1.0)))
 
 
 def share_rows(mats, second_moment=None, align=True, max_rounds=100, ridge=1e-6):

@@ -18,19 +18,11 @@ def _check_model(model):
     """``model`` as a plain basic-block `sb_keras.ResNet` (a Keras one rebuilt)."""
     if not isinstance(model, ResNet):
         return keras_resnet.plain_resnet(model)
-    found = None
     if model.share:
-        found = "already shared"
-    elif model.depth in IMAGENET_DEPTHS and IMAGENET_DEPTHS[model.depth][0] != "basic":
-        found = (
-            "bottleneck blocks (their shared models share whole 3x3 kernels, "
-            "without ranks; not supported)"
-        )
-    if found:
         raise ValueError(
-            "`model` must be a plain (share=False) basic-block sb_keras.ResNet "
-            "(CIFAR ResNet-6n+2 or ResNet-18/34, either stem) or a functional "
-            f"Keras ResNet of the same layout; found {found}. "
+            "`model` must be a plain (share=False) sb_keras.ResNet (bottleneck "
+            "ones go to `compression.bottleneck`) or a functional Keras ResNet "
+            "of a basic-block layout; found already shared. "
             f"Received: model={model.name!r}"
         )
     return model
@@ -195,13 +187,16 @@ def compress(
             stem), or a functional `keras.Model` of the same layout with any
             layer names, recognized by structure and rebuilt as that
             `sb_keras.ResNet` first (`keras_resnet.plain_resnet`; its module
-            docstring lists the recognized layouts). Bottleneck ResNets and
-            anything else raise a `ValueError`. A plain `sb_keras.MobileNetV2`
-            goes to `mobilenet_v2.compress_mobilenet_v2` (whole shared 1x1
-            kernels: no ranks, which must stay None; ``max_iter`` and
-            ``tol`` do not apply).
-        shared_rank: ``S`` (stage-1 shared filters), >= 0 (required for a
-            ResNet). ``0`` is the
+            docstring lists the recognized layouts). A plain bottleneck
+            `sb_keras.ResNet` (50/101/152) goes to
+            `compression.bottleneck.compress_bottleneck` (whole shared
+            kernels, no ranks: ``shared_rank`` and ``unique_rank`` must be
+            None; ``max_iter`` and ``tol`` do not apply). Anything else
+            raises a `ValueError`. A plain `sb_keras.MobileNetV2` goes to
+            `mobilenet_v2.compress_mobilenet_v2` likewise (whole shared 1x1
+            kernels, no ranks).
+        shared_rank: ``S`` (stage-1 shared filters), >= 0; required for
+            basic-block ResNets. ``0`` is the
             per-layer low-rank baseline (the "NonShared" `sb_keras.ResNet`):
             each layer's own truncated SVD, whitened with its own inputs'
             second moment, ``unique_rank`` filters; nothing is shared.
@@ -252,10 +247,22 @@ def compress(
             method=method,
             batch_size=batch_size,
         )
-    unique_rank = 1 if unique_rank is None else unique_rank
-
+    # --- bottleneck sources (compression.bottleneck): whole shared kernels ---
+    from sb_keras.compression import bottleneck
     from sb_keras.counting import count_params
 
+    if bottleneck.is_bottleneck(model):
+        bottleneck.check_no_ranks(model, shared_rank, unique_rank)
+        return bottleneck.compress_bottleneck(
+            model, sharing, calibration_data, method, batch_size
+        )
+    # --- end bottleneck sources ---
+    if shared_rank is None:
+        raise ValueError(
+            "`shared_rank` is required for a basic-block ResNet. "
+            "Received: shared_rank=None"
+        )
+    unique_rank = 1 if unique_rank is None else unique_rank
     model = _check_model(model)
     if sharing not in SHARINGS:
         raise ValueError(
@@ -403,10 +410,14 @@ def unshare(model):
     BNs (`sb_keras.compression.rebalance`), so that SGD can fine-tune the
     result at a usual learning rate.
 
+    A shared bottleneck `sb_keras.ResNet` goes to
+    `compression.bottleneck.unshare_bottleneck` (each block gets a copy of
+    the shared kernels; exact, not rebalanced).
+
     Args:
-        model: a basic-block `sb_keras.ResNet` with ``share=True`` (a shared
-            `sb_keras.MobileNetV2` goes to `mobilenet_v2.unshare`: copies
-            of the shared kernels, exact).
+        model: a shared (``share=True``) `sb_keras.ResNet` (a shared
+            `sb_keras.MobileNetV2` goes to `mobilenet_v2.unshare`: copies of
+            the shared kernels, exact).
 
     Returns:
         The plain (``share=False``) `sb_keras.ResNet` of the same depth,
@@ -418,7 +429,13 @@ def unshare(model):
     if mobilenet_v2.is_mobilenet_v2(model):
         return mobilenet_v2.unshare(model)
 
-    if not (isinstance(model, ResNet) and model.share) or model.depth in (50, 101, 152):
+    # --- bottleneck sources (compression.bottleneck) ---
+    from sb_keras.compression import bottleneck
+
+    if bottleneck.is_bottleneck(model):
+        return bottleneck.unshare_bottleneck(model)
+    # --- end bottleneck sources ---
+    if not (isinstance(model, ResNet) and model.share):
         raise ValueError(
             "`model` must be a shared basic-block sb_keras.ResNet. "
             f"Received: model={getattr(model, 'name', model)!r}"
