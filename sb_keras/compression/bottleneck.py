@@ -52,14 +52,12 @@ from sb_keras.compression import kernel_sharing
 from sb_keras.compression.rebalance import _factors
 from sb_keras.compression.rebalance import _rescale_bn
 from sb_keras.compression.rebalance import rebalance
-from sb_keras.compression.resnet import METHODS
-from sb_keras.compression.resnet import SHARINGS
 from sb_keras.compression.resnet import _bn_statistics
-from sb_keras.compression.resnet import _check_calibration
 from sb_keras.compression.resnet import _copy_unshared
 from sb_keras.compression.resnet import _kernel_matrix
 from sb_keras.compression.resnet import _patches
 from sb_keras.compression.resnet import _set_bn
+from sb_keras.compression.resnet import check_options
 from sb_keras.models.resnet.resnet import IMAGENET_DEPTHS
 from sb_keras.models.resnet.resnet import ResNet
 
@@ -298,22 +296,7 @@ def compress_bottleneck(
     from sb_keras.counting import count_params
 
     _check_source(model)
-    if sharing not in SHARINGS:
-        raise ValueError(
-            f"`sharing` must be one of {SHARINGS}. Received: sharing={sharing!r}"
-        )
-    if method is None:
-        method = "plain" if calibration_data is None else "whitened"
-    if method not in METHODS:
-        raise ValueError(
-            f"`method` must be one of {METHODS}. Received: method={method!r}"
-        )
-    data = _check_calibration(model, calibration_data)
-    if method == "whitened" and data is None:
-        raise ValueError(
-            "`method='whitened'` needs `calibration_data`. "
-            "Received: calibration_data=None"
-        )
+    method, data = check_options(model, sharing, method, calibration_data)
     blocks = _blocks(model)
     plans, inputs = {}, {}
     for g, names in blocks:

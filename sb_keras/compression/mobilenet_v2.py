@@ -35,9 +35,7 @@ import numpy as np
 
 from sb_keras.compression import kernel_sharing
 from sb_keras.compression.rebalance import _rescale_bn
-from sb_keras.compression.resnet import METHODS
-from sb_keras.compression.resnet import SHARINGS
-from sb_keras.compression.resnet import _check_calibration
+from sb_keras.compression.resnet import check_options
 from sb_keras.layers import FilterBasis
 from sb_keras.layers import SharedConv2D
 from sb_keras.models.mobilenet_v2.mobilenet_v2 import SHARED_STAGES
@@ -202,22 +200,7 @@ def compress_mobilenet_v2(
             "`model` must be a plain (share=False) sb_keras.MobileNetV2; found "
             f"{found}. Received: model={getattr(model, 'name', model)!r}"
         )
-    if sharing not in SHARINGS:
-        raise ValueError(
-            f"`sharing` must be one of {SHARINGS}. Received: sharing={sharing!r}"
-        )
-    if method is None:
-        method = "plain" if calibration_data is None else "whitened"
-    if method not in METHODS:
-        raise ValueError(
-            f"`method` must be one of {METHODS}. Received: method={method!r}"
-        )
-    data = _check_calibration(model, calibration_data)
-    if method == "whitened" and data is None:
-        raise ValueError(
-            "`method='whitened'` needs `calibration_data`. "
-            "Received: calibration_data=None"
-        )
+    method, data = check_options(model, sharing, method, calibration_data)
     groups = _groups(model)
     moments = {}
     if method == "whitened":

@@ -52,6 +52,27 @@ def _check_calibration(model, data):
     return x.astype(np.float32)
 
 
+def check_options(model, sharing, method, calibration_data):
+    """``(method, calibration images)``, validated, for every source family."""
+    if sharing not in SHARINGS:
+        raise ValueError(
+            f"`sharing` must be one of {SHARINGS}. Received: sharing={sharing!r}"
+        )
+    if method is None:
+        method = "plain" if calibration_data is None else "whitened"
+    if method not in METHODS:
+        raise ValueError(
+            f"`method` must be one of {METHODS}. Received: method={method!r}"
+        )
+    data = _check_calibration(model, calibration_data)
+    if method == "whitened" and data is None:
+        raise ValueError(
+            "`method='whitened'` needs `calibration_data`. "
+            "Received: calibration_data=None"
+        )
+    return method, data
+
+
 def _kernel_matrix(kernel):
     """Keras ``(kh, kw, C, F)`` kernel -> ``(F, kh*kw*C)``, filters as rows."""
     kernel = np.asarray(kernel, np.float64)
@@ -247,7 +268,7 @@ def compress(
             method=method,
             batch_size=batch_size,
         )
-    # --- bottleneck sources (compression.bottleneck): whole shared kernels ---
+    # Bottleneck ResNets: whole shared kernels, no ranks.
     from sb_keras.compression import bottleneck
     from sb_keras.counting import count_params
 
@@ -256,7 +277,6 @@ def compress(
         return bottleneck.compress_bottleneck(
             model, sharing, calibration_data, method, batch_size
         )
-    # --- end bottleneck sources ---
     if shared_rank is None:
         raise ValueError(
             "`shared_rank` is required for a basic-block ResNet. "
@@ -264,16 +284,7 @@ def compress(
         )
     unique_rank = 1 if unique_rank is None else unique_rank
     model = _check_model(model)
-    if sharing not in SHARINGS:
-        raise ValueError(
-            f"`sharing` must be one of {SHARINGS}. Received: sharing={sharing!r}"
-        )
-    if method is None:
-        method = "plain" if calibration_data is None else "whitened"
-    if method not in METHODS:
-        raise ValueError(
-            f"`method` must be one of {METHODS}. Received: method={method!r}"
-        )
+    method, data = check_options(model, sharing, method, calibration_data)
     shared_rank = _check_int("shared_rank", shared_rank, 0)
     unique_rank = _check_int("unique_rank", unique_rank, 0)
     if shared_rank + unique_rank == 0:
@@ -287,12 +298,6 @@ def compress(
             f"`shared_rank + unique_rank` can be at most {9 * width} = 3*3*{width}, "
             "the size of a stage-1 filter. "
             f"Received: shared_rank={shared_rank}, unique_rank={unique_rank}"
-        )
-    data = _check_calibration(model, calibration_data)
-    if method == "whitened" and data is None:
-        raise ValueError(
-            "`method='whitened'` needs `calibration_data`. "
-            "Received: calibration_data=None"
         )
     groups = _groups(model, sharing)
     if not groups:
@@ -429,12 +434,11 @@ def unshare(model):
     if mobilenet_v2.is_mobilenet_v2(model):
         return mobilenet_v2.unshare(model)
 
-    # --- bottleneck sources (compression.bottleneck) ---
+    # Bottleneck ResNets: copies of the shared kernels.
     from sb_keras.compression import bottleneck
 
     if bottleneck.is_bottleneck(model):
         return bottleneck.unshare_bottleneck(model)
-    # --- end bottleneck sources ---
     if not (isinstance(model, ResNet) and model.share):
         raise ValueError(
             "`model` must be a shared basic-block sb_keras.ResNet. "
