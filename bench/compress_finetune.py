@@ -55,6 +55,10 @@ def top1(model, x, y):
     return float(np.mean(logits.argmax(1) == y))
 
 
+def _ratio(total, params):
+    return "1x" if params == total else f"{total / params:.1f}x fewer"
+
+
 def sb_keras_command():
     script = os.path.join(os.path.dirname(sys.executable), "sb-keras")
     return [script] if os.path.exists(script) else [sys.executable, "-m", "sb_keras"]
@@ -193,7 +197,7 @@ def main(argv=None):
     for r in rows:
         print(
             f"| {r['config']} | {r['sharing']} | {r['params']:,} | "
-            f"{total / r['params']:.1f}x fewer | "
+            f"{_ratio(total, r['params'])} | "
             f"{100 * r['exact_before']:.1f}% | {100 * r['exact_after']:.1f}% | "
             f"{100 * r['jpeg_before']:.1f}% | {100 * r['jpeg_after']:.1f}% | "
             f"{r['finetune_s']} |"
