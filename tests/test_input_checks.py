@@ -126,6 +126,20 @@ def test_evaluate_refuses_a_dataset_the_model_does_not_predict(tmp_path):
     assert "predicts 10 classes" in err and "Received: dataset='cifar100'" in err
 
 
+def test_train_model_args_cannot_set_what_the_data_sets(tmp_path, capsys):
+    from sb_keras import cli
+    from sb_keras.training import TrainConfig
+
+    with pytest.raises(ValueError, match=r"cannot set input_shape, num_classes"):
+        TrainConfig(model_args={"num_classes": 10, "input_shape": (8, 8, 3)}).validate()
+    code = cli.main(
+        ["train", "--model-args", '{"num_classes": 10}', "--output", str(tmp_path)]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "Received: model_args={'num_classes': 10}" in err
+    assert "Traceback" not in err
+
+
 # --- output paths ------------------------------------------------------------
 
 

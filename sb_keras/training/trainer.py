@@ -142,6 +142,14 @@ class TrainConfig:
             raise ValueError(
                 f"`model_args` must be a dict. Received: model_args={self.model_args!r}"
             )
+        owned = sorted(set(self.model_args) & {"num_classes", "input_shape", "name"})
+        if owned:
+            raise ValueError(
+                f"`model_args` cannot set {', '.join(owned)}: the dataset sets "
+                "the classes and the input shape (`--image-size`), and the "
+                "registry entry the name. "
+                f"Received: model_args={self.model_args!r}"
+            )
         return self
 
 
