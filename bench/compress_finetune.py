@@ -23,7 +23,8 @@ Usage (from the repo root, the data beside it in ../shared)::
         [--source plain.keras]
 
 A config is ``S,U[,SHARING[,METHOD]]`` (sharing ``single`` or ``double``,
-method ``whitened``, the default, or ``plain``); ``0,U`` is the per-layer
+method ``whitened``, the default, or ``plain``), or ``SHARING[,METHOD]`` for a
+source without ranks (MobileNetV2, bottleneck ResNets); ``0,U`` is the per-layer
 low-rank baseline (`sb_keras.compress` with ``shared_rank=0``: each layer's
 own whitened truncated SVD in a NonShared ResNet, nothing shared), fine-tuned
 the same way.
@@ -95,6 +96,30 @@ def fine_tune(path, out, lr, limit, batch_size):
     return os.path.join(out, "model.keras"), time.time() - t0
 
 
+def build(plain, config, calib):
+    """``(model, label, sharing, params)`` of one ``--configs`` entry."""
+    if config == "plain":
+        kind = f"ResNet-{plain.depth}" if hasattr(plain, "depth") else plain.name
+        return plain, f"plain {kind} (control)", "-", sb_keras.count_params(plain)
+    fields = config.split(",")
+    if fields[0].isdigit():  # S,U[,SHARING[,METHOD]]: a basic-block ResNet
+        (s, u), rest = fields[:2], fields[2:]
+        ranks = dict(shared_rank=int(s), unique_rank=int(u))
+        label = f"S{s}U{u}"
+    else:  # SHARING[,METHOD]: MobileNetV2 or bottleneck (no ranks)
+        rest, ranks, label = fields, {}, "whole kernels"
+    sharing = rest[0] if rest else "single"
+    method = rest[1] if len(rest) > 1 else "whitened"
+    model, report = sb_keras.compress(
+        plain, sharing=sharing, calibration_data=calib, method=method, **ranks
+    )
+    if method == "plain":
+        label += " plain SVD" if ranks else " unweighted"
+    if ranks.get("shared_rank") == 0:  # the per-layer low-rank baseline
+        label, sharing = f"per-layer U{ranks['unique_rank']} (no sharing)", "none"
+    return model, label, sharing, report["params_after"]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
@@ -135,24 +160,7 @@ def main(argv=None):
     rows = []
     for config in args.configs:
         t0 = time.time()
-        if config == "plain":
-            model, label, sharing = plain, f"plain ResNet-{plain.depth} (control)", "-"
-            report = {"params_after": sb_keras.count_params(plain)}
-        else:
-            s, u, *rest = config.split(",")
-            sharing = rest[0] if rest else "single"
-            method = rest[1] if len(rest) > 1 else "whitened"
-            model, report = sb_keras.compress(
-                plain,
-                int(s),
-                int(u),
-                sharing=sharing,
-                calibration_data=calib,
-                method=method,
-            )
-            label = f"S{s}U{u}" + (" plain SVD" if method == "plain" else "")
-            if int(s) == 0:  # the per-layer low-rank baseline
-                label, sharing = f"per-layer U{u} (no sharing)", "none"
+        model, label, sharing, params = build(plain, config, calib)
         compress_s = time.time() - t0
         path = os.path.join(args.out, f"{config.replace(',', '_')}.keras")
         model.save(path)
@@ -171,7 +179,7 @@ def main(argv=None):
             source=source,
             config=label,
             sharing=sharing,
-            params=report["params_after"],
+            params=params,
             exact_before=before[0],
             jpeg_before=before[1],
             exact_after=after[0],
