@@ -539,7 +539,8 @@ def _cmd_compress(args):
         print(
             f"stage {g['stage']} {g['group']:5s} S{g['shared_rank']}U{g['unique_rank']}"
             f" x{g['layers']}: relative error {g['relative_error']:.3e} "
-            f"(one SVD {g['initial_relative_error']:.3e}, "
+            f"(in the {report['method']} metric {g['objective_error']:.3e}, "
+            f"one SVD {g['initial_relative_error']:.3e}; "
             f"{g['iterations']} iterations)"
         )
     print(f"wrote {args.output}")

@@ -642,6 +642,7 @@ def test_cli_compress(tmp_path):
     assert f"{sb_keras.count_params(restored):,} parameters" in out
     assert f"{sb_keras.count_macs(restored) / 1e6:.1f} M MACs" in out
     assert out.count("relative error") == len(report["groups"]) == 6
+    assert out.count("in the whitened metric") == 6
     assert "method whitened" in out
     assert isinstance(restored, sb_keras.ResNet) and restored.share
     x = rng.uniform(0, 255, (2, 32, 32, 3)).astype("float32")
