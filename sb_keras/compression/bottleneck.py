@@ -403,15 +403,4 @@ def unshare_bottleneck(model):
             "`model` must be a shared (share=True) bottleneck sb_keras.ResNet. "
             f"Received: model={getattr(model, 'name', model)!r}"
         )
-    target = ResNet(**model.baseline_config())
-    for layer in target.layers:
-        if not layer.weights:
-            continue
-        source = model.get_layer(layer.name)
-        if source.weights:
-            layer.set_weights(source.get_weights())
-            continue
-        stage, _, conv = layer.name.split("_")  # a SharedConv2D user
-        basis = f"{stage}_basis" if conv == "conv2" else f"{stage}_basis_1x1"
-        layer.kernel.assign(model.get_layer(basis).bases[0])
-    return target
+    return kernel_sharing.copy_into_plain(model, ResNet(**model.baseline_config()))

@@ -195,3 +195,24 @@ def share_rows(mats, second_moment=None, align=True, max_rounds=100, ridge=1e-6)
         "rounds": rounds,
     }
     return shared, scales, orders, info
+
+
+def copy_into_plain(model, target):
+    """Sets ``target`` (a plain twin) from a shared ``model``; exact.
+
+    Every layer is copied by name; a `SharedConv2D` user of ``model`` gives
+    its twin `Conv2D` a copy of the kernel it is fed (the `FilterBasis`
+    upstream of its second input in the graph).
+    """
+    from sb_keras.layers import SharedConv2D
+
+    for layer in target.layers:
+        if not layer.weights:
+            continue
+        source = model.get_layer(layer.name)
+        if isinstance(source, SharedConv2D):
+            owner = source._inbound_nodes[0].input_tensors[1]._keras_history.operation
+            layer.set_weights([np.asarray(owner.bases[0])])
+        else:
+            layer.set_weights(source.get_weights())
+    return target

@@ -295,14 +295,4 @@ def unshare(model):
             f"Received: model={getattr(model, 'name', model)!r}"
         )
     target = MobileNetV2(**model.baseline_config())
-    for layer in target.layers:
-        if not layer.weights:
-            continue
-        source = model.get_layer(layer.name)
-        if isinstance(source, SharedConv2D):
-            stage, kind = layer.name.split("_")[0], layer.name.rsplit("_", 1)[1]
-            basis = model.get_layer(f"{stage}_{kind}_basis").bases[0]
-            layer.set_weights([np.asarray(basis)])
-        else:
-            layer.set_weights(source.get_weights())
-    return target
+    return kernel_sharing.copy_into_plain(model, target)
